@@ -1,0 +1,124 @@
+"""Train, test and measure one method on one data folder.
+
+    python benchmarks/run.py --config configs/<m>.yaml --data <folder> --out <dir> \
+        [--epochs N] [--seed S] [LightningCLI overrides ...]
+
+Writes ``<dir>/results.json`` (bootstrap means of the test metrics with ``<key>_std``, full
+test-set figures under ``all_<key>``, ``epoch_seconds``, ``infer_seconds``, ``peak_rss_mb``,
+``params``) and ``<dir>/results.md`` (a header and one table row). Without ``--data`` the
+synthetic default cohort is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from callbacks.epoch_timer import EpochTimer  # noqa: E402
+from train import make_cli  # noqa: E402
+
+METRICS = ("jaccard", "f1", "prauc", "precision", "recall", "rocauc", "ddi_rate", "avg_drugs")
+TABLE_HEADER = (
+    "| method | data | Jaccard | F1 | PRAUC | DDI rate | avg drugs "
+    "| s/epoch | epochs | infer s | peak RSS MB | params |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/<method>.yaml")
+    parser.add_argument(
+        "--data", default=None, help="data root (cohort, benchmark pickles, raw MIMIC); default synthetic"
+    )
+    parser.add_argument("--out", required=True, help="output folder for results.json / results.md / logs")
+    parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
+    parser.add_argument("--seed", type=int, default=None, help="override seed_everything")
+    return parser.parse_known_args(argv)
+
+
+def cli_arguments(opts: argparse.Namespace, overrides: list[str]) -> list[str]:
+    out = Path(opts.out)
+    args = ["--config", opts.config]
+    if opts.data is not None:
+        args += ["--data.init_args.root", opts.data]
+    if opts.epochs is not None:
+        args += ["--trainer.max_epochs", str(opts.epochs)]
+    if opts.seed is not None:
+        args += ["--seed_everything", str(opts.seed)]
+    args += [
+        "--trainer.logger.init_args.save_dir",
+        str(out / "logs"),
+        "--checkpoint.dirpath",
+        str(out / "checkpoints"),
+    ]
+    return args + overrides
+
+
+def run(argv: list[str] | None = None) -> dict:
+    opts, overrides = parse_args(argv)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cli = make_cli(cli_arguments(opts, overrides), run=False)
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+    if timer is None:
+        timer = EpochTimer()
+        trainer.callbacks.append(timer)
+
+    trainer.fit(model, datamodule=data)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    start = time.perf_counter()
+    trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
+    infer_seconds = time.perf_counter() - start
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    results: dict = {"method": Path(opts.config).stem, "data": opts.data or "synthetic", "config": opts.config}
+    for key in METRICS:
+        results[key] = logged.get(f"test_{key}")
+        results[f"{key}_std"] = logged.get(f"test_{key}_std")
+        results[f"all_{key}"] = logged.get(f"test_all_{key}")
+    epochs = timer.epoch_seconds
+    results.update(
+        {
+            "test_patients": int(logged.get("test_patients", 0)),
+            "epochs": len(epochs),
+            "epoch_seconds": sum(epochs) / len(epochs) if epochs else None,
+            "infer_seconds": infer_seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "params": int(sum(p.numel() for p in model.parameters())),
+            "best_checkpoint": best,
+            "overrides": overrides,
+        }
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(TABLE_HEADER + table_row(results) + "\n")
+    print(TABLE_HEADER + table_row(results))
+    return results
+
+
+def _pm(results: dict, key: str) -> str:
+    value, std = results.get(key), results.get(f"{key}_std")
+    if value is None:
+        return "–"
+    return f"{value:.4f} ± {std:.4f}" if std is not None else f"{value:.4f}"
+
+
+def table_row(results: dict) -> str:
+    eps = results.get("epoch_seconds")
+    return (
+        f"| {results['method']} | {Path(str(results['data'])).name} | {_pm(results, 'jaccard')} | "
+        f"{_pm(results, 'f1')} | {_pm(results, 'prauc')} | {_pm(results, 'ddi_rate')} | "
+        f"{_pm(results, 'avg_drugs')} | {'–' if eps is None else f'{eps:.2f}'} | {results['epochs']} | "
+        f"{results['infer_seconds']:.2f} | {results['peak_rss_mb']:.0f} | {results['params']:,} |"
+    )
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,161 @@
+"""Shared LightningModule for multi-label medication recommendation.
+
+Subclasses implement ``forward(batch) -> logits (B, T, M)`` for every visit of every patient
+(respecting causality: visit t may use diagnoses/procedures up to t and drugs before t) and may
+override ``compute_loss``. This base owns the rest of the protocol so every method is
+evaluated the same way: thresholding, the SafeDrug-reference metrics, the bootstrap test
+protocol, prediction records and the cohort-knowledge check on checkpoints.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from datamodules.cohort import CohortError
+from datamodules.knowledge import CohortKnowledge
+from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendation_metrics, summarize
+from lightning_modules.visit_ops import margin_targets
+
+KNOWLEDGE_KEY = "cohort_knowledge"
+
+
+class MedRecModule(L.LightningModule):
+    """Base for every recommender: loss hooks, metrics, bootstrap test, predict output.
+
+    Args:
+        knowledge: vocabularies and knowledge matrices; linked from the DataModule by train.py.
+        lr, weight_decay: Adam settings.
+        threshold: a drug is recommended when its probability >= threshold (reference: 0.5).
+        margin_weight: loss = (1 - w) * BCE + w * multilabel margin (SafeDrug 0.05, GAMENet 0.1).
+        bootstrap_rounds, bootstrap_fraction, bootstrap_seed: test protocol of the SafeDrug code
+            (10 rounds of 80 % of test patients drawn with replacement); 0 rounds = full test set.
+    """
+
+    def __init__(
+        self,
+        knowledge: CohortKnowledge | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        threshold: float = 0.5,
+        margin_weight: float = 0.0,
+        bootstrap_rounds: int = 10,
+        bootstrap_fraction: float = 0.8,
+        bootstrap_seed: int = 0,
+    ):
+        super().__init__()
+        if knowledge is None:
+            raise CohortError(
+                f"{type(self).__name__} needs the data's CohortKnowledge: run it through train.py, "
+                "or pass knowledge=datamodule.knowledge"
+            )
+        if not 0.0 <= margin_weight <= 1.0:
+            raise ValueError(f"margin_weight must lie in [0, 1], got {margin_weight}")
+        self.save_hyperparameters(ignore=["knowledge"])
+        self.knowledge = knowledge
+        self.register_buffer("ddi_adj", knowledge.ddi_tensor(), persistent=False)
+        self.val_metrics = recommendation_metrics(self.ddi_adj, threshold, prefix="val_")
+        self.test_table = PatientMetricTable(self.ddi_adj, threshold)
+
+    @property
+    def num_medications(self) -> int:
+        return self.knowledge.num_medications
+
+    # --- hooks for subclasses ------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.sigmoid(self(batch))
+
+    def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Returns a dict with the total under ``loss``; the other entries are logged."""
+        mask = batch["visit_mask"]
+        logits, target = logits[mask], batch["medications"][mask]
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        out = {"bce": bce}
+        weight = self.hparams.margin_weight
+        if weight > 0:
+            out["margin"] = F.multilabel_margin_loss(torch.sigmoid(logits), margin_targets(target))
+            out["loss"] = (1 - weight) * bce + weight * out["margin"]
+        else:
+            out["loss"] = bce
+        return out
+
+    # --- loops ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_loss(self(batch), batch)
+        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["lengths"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        probs = self.predict_probabilities(batch)
+        self.val_metrics.update(probs=probs, target=batch["medications"], visit_mask=batch["visit_mask"])
+        size = len(batch["lengths"])
+        for name, metric in self.val_metrics.items():
+            self.log(name, metric, prog_bar=name == "val_jaccard", batch_size=size)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_table.update(self.predict_probabilities(batch), batch["medications"], batch["visit_mask"])
+
+    def on_test_epoch_end(self) -> None:
+        table = self.test_table.compute()
+        full = summarize(table)
+        hp = self.hparams
+        results = {f"test_all_{k}": v for k, v in full.items()}
+        if hp.bootstrap_rounds > 0:
+            boot = bootstrap(table, hp.bootstrap_rounds, hp.bootstrap_fraction, hp.bootstrap_seed)
+            results.update({f"test_{k}": v for k, v in boot.items()})
+        else:
+            results.update({f"test_{k}": v for k, v in full.items()})
+        results["test_patients"] = float(len(table["jaccard"]))
+        # Values are already reduced across ranks by the metric; logging must not average again.
+        for key, value in results.items():
+            self.log(key, float(value), sync_dist=False, rank_zero_only=False)
+        self.test_table.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
+        """One record per visit: ids, recommended drug codes and their probabilities."""
+        probs = self.predict_probabilities(batch).float().cpu()
+        dataset = self._predict_dataset()
+        codes = self.knowledge.vocab["medication"]
+        records = []
+        for b, t in batch["visit_mask"].nonzero().tolist():
+            p_index = int(batch["patient_index"][b])
+            chosen = (probs[b, t] >= self.hparams.threshold).nonzero().flatten().tolist()
+            chosen.sort(key=lambda d: -probs[b, t, d].item())
+            sample = dataset.samples[p_index] if dataset is not None else None
+            records.append(
+                {
+                    "patient_id": dataset.patient_ids[p_index] if sample else p_index,
+                    "visit_id": sample["visit_ids"][t] if sample else t,
+                    "drugs": [codes[d] for d in chosen],
+                    "probabilities": [round(probs[b, t, d].item(), 4) for d in chosen],
+                }
+            )
+        return records
+
+    def _predict_dataset(self):
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return datamodule.dataset("test") if datamodule is not None and hasattr(datamodule, "dataset") else None
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[KNOWLEDGE_KEY] = self.knowledge.to_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if KNOWLEDGE_KEY in checkpoint:
+            self.knowledge.check_compatible(CohortKnowledge.from_state(checkpoint[KNOWLEDGE_KEY]))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> MedRecModule:
+        """Load a trained model without its DataModule (the knowledge travels in the checkpoint)."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        if KNOWLEDGE_KEY not in checkpoint:
+            raise CohortError(f"{path}: not a medrec checkpoint (no {KNOWLEDGE_KEY})")
+        knowledge = CohortKnowledge.from_state(checkpoint[KNOWLEDGE_KEY])
+        return cls.load_from_checkpoint(path, map_location=map_location, knowledge=knowledge)

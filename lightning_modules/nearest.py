@@ -1,0 +1,74 @@
+"""Non-parametric baselines: drug frequency and "Nearest" (repeat the previous visit)."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_modules.base import MedRecModule
+from lightning_modules.visit_ops import previous_visit
+
+
+class DrugFrequency(MedRecModule):
+    """Recommends every drug prescribed in at least ``threshold`` of training visits.
+
+    Probability of drug m = its share of training visits. "Training" is one counting pass;
+    counts are summed across DDP ranks before use so every rank holds the same prevalence.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        m = self.num_medications
+        self.register_buffer("prevalence", torch.zeros(m))
+        self.register_buffer("_drug_counts", torch.zeros(m), persistent=False)
+        self.register_buffer("_visit_count", torch.zeros(()), persistent=False)
+
+    def on_train_epoch_start(self) -> None:
+        self._drug_counts.zero_()
+        self._visit_count.zero_()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        mask = batch["visit_mask"]
+        self._drug_counts += batch["medications"][mask].sum(0)
+        self._visit_count += mask.sum()
+
+    def _refresh_prevalence(self) -> None:
+        counts = self.trainer.strategy.reduce(self._drug_counts.clone(), reduce_op="sum")
+        visits = self.trainer.strategy.reduce(self._visit_count.clone(), reduce_op="sum")
+        if visits > 0:
+            self.prevalence.copy_(counts / visits)
+
+    # Validation runs inside the training epoch, before on_train_epoch_end.
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.training or self.trainer.state.fn == "fit":
+            self._refresh_prevalence()
+
+    def on_train_epoch_end(self) -> None:
+        self._refresh_prevalence()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.logit(self.predict_probabilities(batch), eps=1e-6)
+
+    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.prevalence.expand(*batch["visit_mask"].shape, -1)
+
+    def configure_optimizers(self):
+        return None
+
+
+class Nearest(DrugFrequency):
+    """Repeats the previous visit's drugs (the papers' "Nearest" baseline).
+
+    Score = 0.5 · previous-visit indicator + 0.5 · training prevalence, so the recommended set
+    (score >= 0.5) is exactly the previous visit's drugs, ranked first, with the rest ranked by
+    prevalence for PRAUC. A patient's first visit has no previous visit and falls back to the
+    frequency baseline (drugs in at least half of the training visits).
+    """
+
+    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        prevalence = super().predict_probabilities(batch)
+        previous = previous_visit(batch["medications"])
+        first = torch.zeros_like(batch["visit_mask"])
+        first[:, 0] = True
+        scored = 0.5 * previous + 0.5 * prevalence
+        return torch.where(first.unsqueeze(-1), prevalence, scored)

@@ -1,0 +1,35 @@
+"""Vectorised helpers over padded visit batches (see datamodules/visit_sequence.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def multi_hot(codes: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
+    """(…, L) padded indices + mask -> (…, size) 0/1 float."""
+    out = torch.zeros(*codes.shape[:-1], size, device=codes.device)
+    # scatter_add, not scatter: padded slots repeat index 0 and must not overwrite a real 0.
+    return out.scatter_add_(-1, codes, mask.to(out.dtype)).clamp_(max=1.0)
+
+
+def embed_codes(embedding: nn.Embedding, codes: torch.Tensor, mask: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Sum (or mean) of the embeddings of each visit's codes: (B, T, L) -> (B, T, d)."""
+    vectors = embedding(codes) * mask.unsqueeze(-1).to(embedding.weight.dtype)
+    total = vectors.sum(-2)
+    if reduce == "mean":
+        total = total / mask.sum(-1, keepdim=True).clamp(min=1).to(total.dtype)
+    return total
+
+
+def previous_visit(values: torch.Tensor) -> torch.Tensor:
+    """Shift along time so position t holds visit t-1 (zeros at t = 0): the causal drug history."""
+    return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], dim=1)
+
+
+def margin_targets(target: torch.Tensor) -> torch.Tensor:
+    """Multi-hot (N, M) -> the index layout ``F.multilabel_margin_loss`` expects (-1 padded)."""
+    order = torch.argsort(target, dim=-1, descending=True, stable=True)
+    positives = target.sum(-1, keepdim=True).long()
+    positions = torch.arange(target.shape[-1], device=target.device).expand_as(order)
+    return torch.where(positions < positives, order, torch.full_like(order, -1))

@@ -1,0 +1,100 @@
+"""train.py end to end: every config runs, overrides work, bad input fails with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_cohort
+
+from train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+def run_cli(*args: str) -> None:
+    main(list(args))
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_runs_fast_dev_run(config, tiny_cohort_dir, in_tmp):
+    run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / config),
+        f"--data.init_args.root={tiny_cohort_dir}",
+        "--trainer.fast_dev_run=true",
+    )
+
+
+def test_fit_test_predict_with_checkpoint(tiny_cohort_dir, in_tmp, capsys):
+    config = str(ROOT / "configs" / "lr.yaml")
+    common = ["--config", config, f"--data.init_args.root={tiny_cohort_dir}", "--trainer.enable_progress_bar=false"]
+    run_cli("fit", *common, "--trainer.max_epochs=2", "--checkpoint.dirpath=ckpt", "--model.init_args.lr=1e-2")
+    assert (in_tmp / "ckpt" / "last.ckpt").is_file()
+    assert list((in_tmp / "runs" / "lr").glob("version_*/metrics.csv"))
+    run_cli("test", *common, "--ckpt_path=ckpt/last.ckpt")
+    out = capsys.readouterr().out
+    assert "test_jaccard" in out and "test_jaccard_std" in out
+    run_cli("predict", *common, "--ckpt_path=ckpt/last.ckpt")
+
+
+def test_print_config_shows_resolved_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(
+            "fit", "--config", str(ROOT / "configs" / "retain.yaml"), "--model.init_args.lr=0.003", "--print_config"
+        )
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: lightning_modules.RETAIN" in out
+    assert "lr: 0.003" in out
+    assert "monitor: val_jaccard" in out
+    assert "knowledge" not in out  # linked from the data, not a config option
+
+
+def test_unknown_config_key_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(ROOT / "configs" / "retain.yaml"), "--model.init_args.embedding_dimm=3")
+    assert exit_info.value.code != 0
+    assert "embedding_dimm" in capsys.readouterr().err
+
+
+def cli_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_bad_data_root_is_one_clear_line(in_tmp):
+    result = cli_subprocess(
+        "fit", "--config", str(ROOT / "configs" / "lr.yaml"), "--data.init_args.root=/no/such/folder", cwd=in_tmp
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "medrec: error: data root /no/such/folder does not exist"
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_from_other_vocabulary_is_refused(tiny_cohort_dir, in_tmp):
+    config = str(ROOT / "configs" / "lr.yaml")
+    run_cli(
+        "fit",
+        "--config",
+        config,
+        f"--data.init_args.root={tiny_cohort_dir}",
+        "--trainer.max_epochs=1",
+        "--checkpoint.dirpath=ckpt",
+        "--trainer.enable_progress_bar=false",
+    )
+    other = write_cohort(in_tmp / "other", n_patients=12)
+    result = cli_subprocess(
+        "test", "--config", config, f"--data.init_args.root={other}", "--ckpt_path=ckpt/last.ckpt", cwd=in_tmp
+    )
+    assert result.returncode == 2
+    assert "was trained on a different diagnosis vocabulary" in result.stderr.strip().splitlines()[-1]
