@@ -73,6 +73,7 @@ def run(argv: list[str] | None = None) -> dict:
         trainer.callbacks.append(timer)
 
     trainer.fit(model, datamodule=data)
+    epochs = list(timer.epoch_seconds)  # test(ckpt_path=best) restores the timer's state from that epoch
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     start = time.perf_counter()
     trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
@@ -84,7 +85,6 @@ def run(argv: list[str] | None = None) -> dict:
         results[key] = logged.get(f"test_{key}")
         results[f"{key}_std"] = logged.get(f"test_{key}_std")
         results[f"all_{key}"] = logged.get(f"test_all_{key}")
-    epochs = timer.epoch_seconds
     results.update(
         {
             "test_patients": int(logged.get("test_patients", 0)),
