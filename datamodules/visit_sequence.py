@@ -27,6 +27,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.cohort import CODE_COLUMNS, Cohort, CohortError
@@ -246,10 +247,21 @@ class VisitSequenceDataModule(L.LightningDataModule):
         return self._datasets[name]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(name)
+        sampler = None
+        if name != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning's default evaluation sampler pads ranks with repeated patients, which
+            # would count them twice in the metrics; this one gives each patient to one rank.
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                sampler = UnrepeatedDistributedSampler(
+                    dataset, num_replicas=world, rank=torch.distributed.get_rank(), shuffle=False
+                )
         return DataLoader(
-            self.dataset(name),
+            dataset,
             batch_size=self.batch_size if name == "train" else self.eval_batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

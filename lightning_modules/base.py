@@ -12,6 +12,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics.aggregation import CatMetric
 
 from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge
@@ -57,6 +58,9 @@ class MedRecModule(L.LightningModule):
         self.register_buffer("ddi_adj", knowledge.ddi_tensor(), persistent=False)
         self.val_metrics = recommendation_metrics(self.ddi_adj, threshold, prefix="val_")
         self.test_table = PatientMetricTable(self.ddi_adj, threshold)
+        # Patient order of the gathered table depends on how ranks split the data; the bootstrap
+        # draws by position, so rows are put back in dataset order before it.
+        self.test_order = CatMetric()
 
     @property
     def num_medications(self) -> int:
@@ -98,9 +102,11 @@ class MedRecModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.test_table.update(self.predict_probabilities(batch), batch["medications"], batch["visit_mask"])
+        self.test_order.update(batch["patient_index"][batch["visit_mask"].any(1)])
 
     def on_test_epoch_end(self) -> None:
-        table = self.test_table.compute()
+        order = torch.argsort(self.test_order.compute().reshape(-1))
+        table = {k: v.reshape(-1)[order] for k, v in self.test_table.compute().items()}
         full = summarize(table)
         hp = self.hparams
         results = {f"test_all_{k}": v for k, v in full.items()}
@@ -114,6 +120,7 @@ class MedRecModule(L.LightningModule):
         for key, value in results.items():
             self.log(key, float(value), sync_dist=False, rank_zero_only=False)
         self.test_table.reset()
+        self.test_order.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
         """One record per visit: ids, recommended drug codes and their probabilities."""
