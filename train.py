@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.recommendation_writer import RecommendationWriter
 from datamodules.cohort import CohortError
 from lightning_modules.base import MedRecModule
 
@@ -20,6 +21,7 @@ class MedRecCLI(LightningCLI):
         parser.link_arguments("data.knowledge", "model.init_args.knowledge", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(RecommendationWriter, "predict_output")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_jaccard",

@@ -17,6 +17,7 @@ from torchmetrics.aggregation import CatMetric
 from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge
 from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendation_metrics, summarize
+from lightning_modules.recommend import MODEL_CLASS_KEY, visit_record
 from lightning_modules.visit_ops import margin_targets
 
 KNOWLEDGE_KEY = "cohort_knowledge"
@@ -123,24 +124,18 @@ class MedRecModule(L.LightningModule):
         self.test_order.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
-        """One record per visit: ids, recommended drug codes and their probabilities."""
+        """One record per visit: ids, recommended drugs (codes, names, probabilities), DDI pairs."""
         probs = self.predict_probabilities(batch).float().cpu()
         dataset = self._predict_dataset()
-        codes = self.knowledge.vocab["medication"]
         records = []
         for b, t in batch["visit_mask"].nonzero().tolist():
             p_index = int(batch["patient_index"][b])
-            chosen = (probs[b, t] >= self.hparams.threshold).nonzero().flatten().tolist()
-            chosen.sort(key=lambda d: -probs[b, t, d].item())
-            sample = dataset.samples[p_index] if dataset is not None else None
-            records.append(
-                {
-                    "patient_id": dataset.patient_ids[p_index] if sample else p_index,
-                    "visit_id": sample["visit_ids"][t] if sample else t,
-                    "drugs": [codes[d] for d in chosen],
-                    "probabilities": [round(probs[b, t, d].item(), 4) for d in chosen],
-                }
+            ids = (
+                {"patient_id": dataset.patient_ids[p_index], "visit_id": dataset.samples[p_index]["visit_ids"][t]}
+                if dataset is not None
+                else {"patient_id": p_index, "visit_id": t}
             )
+            records.append({**ids, **visit_record(probs[b, t], self.hparams.threshold, self.knowledge)})
         return records
 
     def _predict_dataset(self):
@@ -153,6 +148,7 @@ class MedRecModule(L.LightningModule):
     # --- checkpoints ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[KNOWLEDGE_KEY] = self.knowledge.to_state()
+        checkpoint[MODEL_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if KNOWLEDGE_KEY in checkpoint:
