@@ -28,7 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cohort import CODE_COLUMNS, Cohort, CohortError
 from datamodules.knowledge import CohortKnowledge, co_prescription_adjacency
@@ -75,6 +75,28 @@ class PatientSequences(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.samples[i]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles patients with a permutation fixed by (seed, epoch).
+
+    Lightning calls ``set_epoch`` at every epoch start, so a run resumed from a checkpoint sees
+    exactly the batches an uninterrupted run would have seen. Under DDP Lightning swaps in its
+    DistributedSampler, which is seeded the same way.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class VisitCollator:
@@ -248,7 +270,7 @@ class VisitSequenceDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(name)
-        sampler = None
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
         if name != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Lightning's default evaluation sampler pads ranks with repeated patients, which
             # would count them twice in the metrics; this one gives each patient to one rank.
@@ -260,7 +282,6 @@ class VisitSequenceDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if name == "train" else self.eval_batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

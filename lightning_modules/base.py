@@ -9,7 +9,10 @@ protocol, prediction records and the cohort-knowledge check on checkpoints.
 
 from __future__ import annotations
 
+import random
+
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import CatMetric
@@ -21,6 +24,25 @@ from lightning_modules.recommend import MODEL_CLASS_KEY, visit_record
 from lightning_modules.visit_ops import margin_targets
 
 KNOWLEDGE_KEY = "cohort_knowledge"
+RNG_KEY = "medrec_rng_states"
+
+
+def rng_states() -> dict:
+    """torch/numpy/python RNG states in plain types, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class MedRecModule(L.LightningModule):
@@ -149,10 +171,14 @@ class MedRecModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[KNOWLEDGE_KEY] = self.knowledge.to_state()
         checkpoint[MODEL_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # Dropout and other random draws continue exactly where they were after --ckpt_path last.
+        checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if KNOWLEDGE_KEY in checkpoint:
             self.knowledge.check_compatible(CohortKnowledge.from_state(checkpoint[KNOWLEDGE_KEY]))
+        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            restore_rng_states(checkpoint[RNG_KEY])
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> MedRecModule:
