@@ -6,11 +6,19 @@ import sys
 
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks.recommendation_writer import RecommendationWriter
 from datamodules.cohort import CohortError
 from lightning_modules.base import MedRecModule
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Saves config.yaml (overwriting) and sends the full resolved config to the run's logger."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
 
 
 class MedRecCLI(LightningCLI):
@@ -35,6 +43,13 @@ class MedRecCLI(LightningCLI):
             }
         )
 
+    def after_fit(self) -> None:
+        """Record the best checkpoint's validation figure with the logger (W&B run summary)."""
+        callback = self.trainer.checkpoint_callback
+        if self.trainer.logger is not None and callback is not None and callback.best_model_score is not None:
+            self.trainer.logger.log_metrics({f"best_{callback.monitor}": float(callback.best_model_score)})
+            self.trainer.logger.save()
+
 
 def make_cli(args=None, run: bool = True) -> MedRecCLI:
     return MedRecCLI(
@@ -42,6 +57,7 @@ def make_cli(args=None, run: bool = True) -> MedRecCLI:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
