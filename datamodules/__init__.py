@@ -1,15 +1,25 @@
-"""Data: cohort format, sources (synthetic, benchmark), LightningDataModules."""
+"""Data: cohort format, sources (synthetic, benchmark, raw MIMIC), LightningDataModules.
 
-from datamodules.cohort import Cohort, CohortError
-from datamodules.knowledge import CohortKnowledge
-from datamodules.synthetic import SyntheticSpec, generate_synthetic_cohort
-from datamodules.visit_sequence import VisitSequenceDataModule
+Exports are imported lazily so that data-only tools (``medrec-prepare``) do not pay for
+importing torch and Lightning.
+"""
 
-__all__ = [
-    "Cohort",
-    "CohortError",
-    "CohortKnowledge",
-    "SyntheticSpec",
-    "generate_synthetic_cohort",
-    "VisitSequenceDataModule",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "Cohort": "datamodules.cohort",
+    "CohortError": "datamodules.cohort",
+    "CohortKnowledge": "datamodules.knowledge",
+    "SyntheticSpec": "datamodules.synthetic",
+    "generate_synthetic_cohort": "datamodules.synthetic",
+    "VisitSequenceDataModule": "datamodules.visit_sequence",
+    "PackageGraphDataModule": "datamodules.package_graph",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")

@@ -6,11 +6,14 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from datamodules.benchmark import BENCHMARK_FILES, is_benchmark_folder, read_benchmark
 from datamodules.cohort import Cohort, CohortError, is_cohort_folder
 from datamodules.synthetic import SyntheticSpec, synthetic_cohort
+
+if TYPE_CHECKING:
+    from datamodules.mimic.etl import EtlOptions
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,12 @@ def detect_source(root: str | os.PathLike) -> str:
         return "cohort"
     if is_benchmark_folder(root):
         return "benchmark"
-    if any((root / m).is_file() for m in RAW_MIMIC3_MARKERS):
-        return "mimic3"
-    if (root / "hosp").is_dir():
-        return "mimic4"
+    if any((root / m).is_file() for m in RAW_MIMIC3_MARKERS) or (root / "hosp").is_dir():
+        from datamodules.mimic.tables import detect_layout
+
+        layout = detect_layout(root)
+        if layout is not None:
+            return layout
     raise CohortError(
         f"data root {root} holds no recognised data: expected cohort.json (a cohort), "
         f"{BENCHMARK_FILES[0]} (SafeDrug benchmark pickles) or raw MIMIC tables"
@@ -56,8 +61,14 @@ def resolve_cohort(
     source: Source = "auto",
     synthetic: SyntheticSpec | None = None,
     cache_dir: str | os.PathLike | None = None,
+    etl: EtlOptions | None = None,
 ) -> Cohort:
-    """Load the cohort a DataModule trains on; no ``root`` means the synthetic default."""
+    """Load the cohort a DataModule trains on; no ``root`` means the synthetic default.
+
+    A raw MIMIC folder goes through the ETL (``etl`` options; default: the reference
+    processing, mapping files found via $MEDREC_MAPPINGS or next to the tables) and is cached
+    under ``cache_dir`` keyed by its input files and the options.
+    """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if root is None or source == "synthetic":
         if root is not None:
@@ -76,8 +87,7 @@ def resolve_cohort(
         log.info("imported benchmark %s into cohort %s", root, folder)
         return cohort
     if kind in ("mimic3", "mimic4"):
-        raise CohortError(
-            f"{root} holds raw {kind.upper()} tables; this medrec build has no raw-MIMIC ETL yet. "
-            "Convert them to a cohort folder (see README 'Cohort format') and point root at it"
-        )
+        from datamodules.mimic.etl import prepare_cohort
+
+        return prepare_cohort(root, kind, etl, cache_dir=cache)
     raise CohortError(f"unknown data source {kind!r}")
