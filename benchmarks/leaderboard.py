@@ -1,0 +1,207 @@
+"""Leaderboard: every method on one cohort, several seeds, one report a person can read.
+
+    python benchmarks/leaderboard.py --data ../shared/data/mimic3-safedrug --out reports/mimic3 \
+        [--configs configs/lr.yaml configs/retain.yaml ...] [--seeds 0 1 2] [--reference safedrug] \
+        [--epochs N] [--gamma-report benchmarks/reports/safedrug_gamma.json]
+
+Runs ``benchmarks/run.py`` for each (config, seed) in a child process (results already in
+``<out>/<method>/seed<s>/results.json`` are reused, so an interrupted report resumes), then
+writes ``<out>/report.md`` (mean ± std over seeds of the bootstrap means, paired t-test of
+Jaccard against the reference method over the same seeds) and PNG plots: Jaccard vs DDI
+rate for all methods, validation Jaccard per epoch, and SafeDrug's γ-controllability curve
+when a γ sweep result is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = ["frequency", "nearest", "lr", "retain", "gamenet", "safedrug"]
+COLUMNS = ("jaccard", "f1", "prauc", "ddi_rate", "avg_drugs", "epoch_seconds", "infer_seconds", "peak_rss_mb")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="data root; default the synthetic cohort")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--configs", nargs="+", default=None, help="config files (default: every landed method)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--reference", default=None, help="method the t-test compares against (default: first)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--gamma-report", default=None, help="JSON rows {gamma, jaccard, ddi_rate} of a γ sweep")
+    return parser.parse_args(argv)
+
+
+def default_configs() -> list[str]:
+    return [str(ROOT / "configs" / f"{m}.yaml") for m in DEFAULT_CONFIGS if (ROOT / "configs" / f"{m}.yaml").is_file()]
+
+
+def run_one(config: str, seed: int, opts: argparse.Namespace) -> dict:
+    out = Path(opts.out) / Path(config).stem / f"seed{seed}"
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", config, "--out", str(out)]
+    command += ["--seed", str(seed), "--trainer.enable_progress_bar=false"]
+    if opts.data:
+        command += ["--data", opts.data]
+    if opts.epochs:
+        command += ["--epochs", str(opts.epochs)]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(config).stem} seed {seed} failed; see {out / 'log.txt'}")
+    return json.loads((out / "results.json").read_text())
+
+
+def paired_t_test(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided p-value of the paired t-test (NaN with fewer than 2 pairs or no variance)."""
+    from scipy import stats
+
+    if len(a) < 2 or np.allclose(a - b, 0):
+        return float("nan")
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def summarise(results: pd.DataFrame, reference: str) -> pd.DataFrame:
+    rows = []
+    ref = results[results["method"] == reference].set_index("seed")["jaccard"]
+    for method, group in results.groupby("method", sort=False):
+        row = {"method": method, "seeds": len(group)}
+        for column in COLUMNS:
+            values = group[column].astype(float)
+            row[column], row[f"{column}_std"] = values.mean(), values.std(ddof=0)
+        paired = group.set_index("seed")["jaccard"].align(ref, join="inner")
+        row["p_vs_reference"] = float("nan") if method == reference else paired_t_test(*map(np.asarray, paired))
+        row["params"] = int(group["params"].iloc[0])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(summary: pd.DataFrame, data: str, seeds: list[int], reference: str) -> str:
+    lines = [
+        f"# medrec leaderboard — {data}",
+        "",
+        f"Bootstrap protocol (10 × 80 % of test patients) per run; mean ± std over seeds {seeds}. "
+        f"p: paired t-test of Jaccard against {reference} over the same seeds.",
+        "",
+        "| method | Jaccard | F1 | PRAUC | DDI rate | avg drugs | p vs ref "
+        "| s/epoch | infer s | peak RSS MB | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary.itertuples(index=False):
+        d = r._asdict()
+
+        def pm(key, digits=4, d=d):
+            return f"{d[key]:.{digits}f} ± {d[key + '_std']:.{digits}f}"
+
+        p = "–" if np.isnan(d["p_vs_reference"]) else f"{d['p_vs_reference']:.3g}"
+        lines.append(
+            f"| {d['method']} | {pm('jaccard')} | {pm('f1')} | {pm('prauc')} | {pm('ddi_rate')} | "
+            f"{pm('avg_drugs', 2)} | {p} | {d['epoch_seconds']:.2f} | {d['infer_seconds']:.2f} | "
+            f"{d['peak_rss_mb']:.0f} | {d['params']:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_safety(summary: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in summary.itertuples(index=False):
+        ax.errorbar(r.ddi_rate, r.jaccard, xerr=r.ddi_rate_std, yerr=r.jaccard_std, fmt="o", capsize=3, label=r.method)
+    ax.set_xlabel("DDI rate of recommended sets (lower is safer)")
+    ax.set_ylabel("Jaccard (higher is more accurate)")
+    ax.set_title("Accuracy vs safety (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_validation_curves(out: Path, methods: list[str], seed: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in methods:
+        logs = sorted((out / method / f"seed{seed}" / "logs").rglob("metrics.csv"))
+        if not logs:
+            continue
+        frame = pd.read_csv(logs[-1])
+        if "val_jaccard" not in frame:
+            continue
+        curve = frame.dropna(subset=["val_jaccard"]).groupby("epoch")["val_jaccard"].last()
+        ax.plot(curve.index + 1, curve.values, marker=".", label=method)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Jaccard")
+    ax.set_title(f"Validation Jaccard per epoch (seed {seed})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_gamma_curve(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["gamma"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot([r["ddi_rate"] for r in rows], [r["jaccard"] for r in rows], marker="o")
+    for r in rows:
+        ax.annotate(f"γ={r['gamma']:.2f}", (r["ddi_rate"], r["jaccard"]), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("output DDI rate")
+    ax.set_ylabel("Jaccard")
+    ax.set_title("SafeDrug controllability: target DDI γ")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None) -> pd.DataFrame:
+    opts = parse_args(argv)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = opts.configs or default_configs()
+    jobs = [(c, s) for c in configs for s in opts.seeds]
+    rows = []
+    for config, seed in tqdm(jobs, desc="leaderboard runs", unit="run"):
+        result = run_one(config, seed, opts)
+        rows.append({**result, "method": Path(config).stem, "seed": seed})
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "runs.csv", index=False)
+    reference = opts.reference or Path(configs[0]).stem
+    summary = summarise(results, reference)
+    summary.to_csv(out / "summary.csv", index=False)
+    data_name = Path(opts.data).name if opts.data else "synthetic"
+    (out / "report.md").write_text(markdown(summary, data_name, opts.seeds, reference))
+    plot_accuracy_vs_safety(summary, out / "jaccard_vs_ddi.png")
+    plot_validation_curves(out, list(summary["method"]), opts.seeds[0], out / "validation_curves.png")
+    if opts.gamma_report:
+        plot_gamma_curve(json.loads(Path(opts.gamma_report).read_text()), out / "safedrug_gamma.png")
+    print((out / "report.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

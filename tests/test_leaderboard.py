@@ -1,0 +1,78 @@
+"""benchmarks/leaderboard.py: aggregation over seeds, paired t-test, report and plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import leaderboard  # noqa: E402
+
+
+def fake_result(jaccard: float, ddi: float) -> dict:
+    return {
+        "jaccard": jaccard,
+        "f1": jaccard + 0.1,
+        "prauc": jaccard + 0.2,
+        "ddi_rate": ddi,
+        "avg_drugs": 10.0,
+        "epoch_seconds": 1.5,
+        "infer_seconds": 0.3,
+        "peak_rss_mb": 500.0,
+        "params": 1234,
+    }
+
+
+def test_paired_t_test_matches_hand_computation():
+    a, b = np.array([0.50, 0.52, 0.51]), np.array([0.48, 0.49, 0.50])
+    # differences 0.02, 0.03, 0.01: mean 0.02, sd 0.01, t = 0.02 / (0.01 / sqrt(3)) = 3.464
+    from scipy import stats
+
+    assert leaderboard.paired_t_test(a, b) == pytest.approx(2 * stats.t.sf(3.4641016, df=2), rel=1e-6)
+    assert np.isnan(leaderboard.paired_t_test(a, a))
+
+
+def test_report_from_existing_runs(tmp_path):
+    out = tmp_path / "report"
+    values = {"lr": [(0.50, 0.07), (0.52, 0.08)], "retain": [(0.48, 0.08), (0.47, 0.07)]}
+    for method, runs in values.items():
+        for seed, (jac, ddi) in enumerate(runs):
+            folder = out / method / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps(fake_result(jac, ddi)))
+            logs = folder / "logs" / method / "version_0"
+            logs.mkdir(parents=True)
+            pd.DataFrame({"epoch": [0, 1], "val_jaccard": [jac - 0.1, jac]}).to_csv(logs / "metrics.csv", index=False)
+    gamma = tmp_path / "gamma.json"
+    gamma.write_text(json.dumps([{"gamma": g, "jaccard": 0.4 + g, "ddi_rate": g + 0.005} for g in (0.02, 0.06)]))
+    summary = leaderboard.main(
+        [
+            "--out",
+            str(out),
+            "--configs",
+            "configs/lr.yaml",
+            "configs/retain.yaml",
+            "--seeds",
+            "0",
+            "1",
+            "--gamma-report",
+            str(gamma),
+        ]
+    )
+    lr = summary.set_index("method").loc["lr"]
+    assert lr["jaccard"] == pytest.approx(0.51) and lr["jaccard_std"] == pytest.approx(0.01)
+    assert np.isnan(lr["p_vs_reference"])
+    retain = summary.set_index("method").loc["retain"]
+    assert retain["jaccard"] == pytest.approx(0.475)
+    assert 0 < retain["p_vs_reference"] < 1
+    report = (out / "report.md").read_text()
+    assert "| lr | 0.5100 ± 0.0100 |" in report and "| retain | 0.4750 ± 0.0050 |" in report
+    for png in ("jaccard_vs_ddi.png", "validation_curves.png", "safedrug_gamma.png"):
+        assert (out / png).stat().st_size > 10_000, png
