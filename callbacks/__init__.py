@@ -1,8 +1,8 @@
 """Training-loop controllers and helpers."""
 
-from callbacks.ddi_annealing import DDIAnnealing as DDIAnnealing
+from callbacks.ddi_annealing import DDIAnnealing
 from callbacks.epoch_timer import EpochTimer
-from callbacks.pid_ddi import PIDDDIController as PIDDDIController
+from callbacks.pid_ddi import PIDDDIController
 from callbacks.recommendation_writer import RecommendationWriter
 
-__all__ = ["EpochTimer", "RecommendationWriter"]
+__all__ = ["EpochTimer", "PIDDDIController", "DDIAnnealing", "RecommendationWriter"]

@@ -22,9 +22,10 @@ class EpochTimer(L.Callback):
             self.epoch_seconds.append(time.perf_counter() - self._start)
             self._start = None
 
-    # Lightning runs the epoch-end validation before on_train_epoch_end.
+    # Lightning runs the epoch-end validation before on_train_epoch_end; the sanity check
+    # before the first epoch finds no running timer.
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training:
+        if trainer.state.fn == "fit":
             self._stop(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -36,7 +36,8 @@ CODE_FIELDS = ("diagnosis", "procedure", "medication", "lab")
 CODE_COLUMNS = {"diagnosis": "diagnoses", "procedure": "procedures", "medication": "medications", "lab": "labs"}
 
 REQUIRED_COLUMNS = ("patient_id", "visit_id", "visit_order", "diagnoses", "procedures", "medications")
-OPTIONAL_COLUMNS = ("time", "labs", "age", "gender", "ethnicity", "los")
+OPTIONAL_COLUMNS = ("time", "labs", "age", "gender", "ethnicity", "los", "notes")
+"""``notes``: list of word tokens (strings) per visit, e.g. from the admission note (DPR's T)."""
 VISIT_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 RELATIONS = ("none", "synergy", "antagonism", "unknown")
@@ -74,7 +75,7 @@ class Cohort:
         present = set()
         for col in OPTIONAL_COLUMNS:
             if col in self.visits.columns and self.visits[col].notna().any():
-                if col == "labs" and not self.visits[col].map(len).any():
+                if col in ("labs", "notes") and not self.visits[col].dropna().map(len).any():
                     continue
                 present.add(col)
         return present

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from datamodules.cohort import CODE_FIELDS, CohortError
+from datamodules.cohort import CODE_COLUMNS, CODE_FIELDS, REQUIRED_COLUMNS, CohortError
 
 
 @dataclass
@@ -51,8 +51,15 @@ class CohortKnowledge:
     def ehr_tensor(self) -> torch.Tensor:
         return torch.as_tensor(self.ehr_adj, dtype=torch.float32)
 
+    def has_field(self, name: str) -> bool:
+        """An optional field the data has, or a required code column (``procedures``) with a non-empty vocabulary."""
+        if name in self.fields:
+            return True
+        vocab = {column: code for code, column in CODE_COLUMNS.items() if column in REQUIRED_COLUMNS}.get(name)
+        return vocab is not None and bool(self.vocab.get(vocab))
+
     def require(self, *names: str, by: str = "this model") -> None:
-        missing = [n for n in names if n not in self.fields]
+        missing = [n for n in names if not self.has_field(n)]
         if missing:
             raise CohortError(
                 f"{by} needs visit field(s) {missing}, which the data ({self.source}) does not have; "

@@ -22,8 +22,13 @@ def test_two_process_test_metrics_equal_one_process(tiny_cohort_dir, tmp_path):
     def test_with(devices: int, strategy: str) -> dict:
         model.load_state_dict(torch.load(path))
         trainer = L.Trainer(
-            accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=str(tmp_path),
+            accelerator="cpu",
+            devices=devices,
+            strategy=strategy,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path),
         )
         trainer.test(model, datamodule=data, verbose=False)
         return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,140 @@
+"""SafeDrug's DDI controllability (paper Table 4): train at several target DDI rates γ and compare.
+
+    python benchmarks/safedrug_gamma.py --data ../shared/data/mimic3-safedrug --out /tmp/sd/gamma \
+        [--gammas 0.0 0.02 0.04 0.06 0.08] [--config configs/safedrug.yaml] [--epochs N] [--seed S] \
+        [LightningCLI overrides ...]
+
+Every γ is one ``benchmarks/run.py`` run in its own process (``<out>/gamma-<γ>/``), with the
+config's ``PIDDDIController`` target set to γ. The script then writes ``<out>/gamma.md`` (one
+row per γ: test figures and whether the output DDI stays within ``--tolerance`` of γ) and
+``<out>/gamma.png`` (Jaccard against output DDI rate). ``--report-only`` rebuilds both from
+finished runs. The plot needs matplotlib (``pip install medrec[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTROLLER = "callbacks.PIDDDIController"
+DEFAULT_GAMMAS = (0.0, 0.02, 0.04, 0.06, 0.08)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "safedrug.yaml"))
+    parser.add_argument("--data", default=None, help="data root; default the synthetic cohort")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--gammas", type=float, nargs="+", default=list(DEFAULT_GAMMAS))
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tolerance", type=float, default=0.01, help="acceptable output DDI above γ")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild gamma.md / gamma.png")
+    return parser.parse_known_args(argv)
+
+
+def config_with_target(config: Path, gamma: float, dest: Path) -> Path:
+    """Copy of ``config`` whose PIDDDIController aims at ``gamma`` (an error if it has none)."""
+    settings = yaml.safe_load(config.read_text())
+    controllers = [
+        c for c in settings.get("trainer", {}).get("callbacks", []) or [] if c.get("class_path") == CONTROLLER
+    ]
+    if len(controllers) != 1:
+        raise SystemExit(f"{config}: needs exactly one {CONTROLLER} callback to set γ, found {len(controllers)}")
+    controllers[0].setdefault("init_args", {})["target_ddi"] = gamma
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return dest
+
+
+def run_dir(out: Path, gamma: float) -> Path:
+    return out / f"gamma-{gamma:.2f}"
+
+
+def train(opts: argparse.Namespace, overrides: list[str]) -> None:
+    out = Path(opts.out)
+    for gamma in opts.gammas:
+        folder = run_dir(out, gamma)
+        config = config_with_target(Path(opts.config), gamma, folder / "config.yaml")
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", str(config), "--out", str(folder)]
+        if opts.data:
+            cmd += ["--data", opts.data]
+        if opts.epochs is not None:
+            cmd += ["--epochs", str(opts.epochs)]
+        if opts.seed is not None:
+            cmd += ["--seed", str(opts.seed)]
+        print(f"γ = {gamma:.2f}: {' '.join(cmd + overrides)}", flush=True)
+        subprocess.run(cmd + overrides, check=True, cwd=ROOT)
+
+
+def collect(out: Path, gammas: list[float]) -> list[dict]:
+    rows = []
+    for gamma in gammas:
+        path = run_dir(out, gamma) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run without --report-only first")
+        rows.append({"gamma": gamma, **json.loads(path.read_text())})
+    return rows
+
+
+def markdown(rows: list[dict], tolerance: float) -> str:
+    lines = [
+        "| target γ | DDI rate | Jaccard | F1 | PRAUC | avg drugs | DDI ≤ γ + " + f"{tolerance:g} | s/epoch | epochs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ok = "yes" if r["ddi_rate"] <= r["gamma"] + tolerance else "no"
+        lines.append(
+            f"| {r['gamma']:.2f} | {_pm(r, 'ddi_rate')} | {_pm(r, 'jaccard')} | {_pm(r, 'f1')} | "
+            f"{_pm(r, 'prauc')} | {r['avg_drugs']:.2f} | {ok} | {r['epoch_seconds']:.1f} | {r['epochs']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pm(row: dict, key: str) -> str:
+    std = row.get(f"{key}_std")
+    return f"{row[key]:.4f} ± {std:.4f}" if std is not None else f"{row[key]:.4f}"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    ddi = [r["ddi_rate"] for r in rows]
+    jac = [r["jaccard"] for r in rows]
+    ax.errorbar(ddi, jac, xerr=[r["ddi_rate_std"] for r in rows], yerr=[r["jaccard_std"] for r in rows], fmt="o-")
+    for r in rows:
+        ax.annotate(f"γ={r['gamma']:.2f}", (r["ddi_rate"], r["jaccard"]), textcoords="offset points", xytext=(5, -10))
+    ax.set_xlabel("output DDI rate (test)")
+    ax.set_ylabel("Jaccard (test)")
+    ax.set_title("SafeDrug: accuracy vs DDI across target γ")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    opts, overrides = parse_args(argv)
+    out = Path(opts.out)
+    if not opts.report_only:
+        train(opts, overrides)
+    rows = collect(out, opts.gammas)
+    table = markdown(rows, opts.tolerance)
+    (out / "gamma.md").write_text(table)
+    plot(rows, out / "gamma.png")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,479 @@
+"""DPR: drug package recommendation by interaction-aware graph induction (Zheng et al., WWW 2021).
+
+A visit's candidate packages (those of the most similar training patients) are scored by
+y = MLP([u ‖ g]), g the embedding of the package graph induced by a GNN that sees the patient
+(mask layer) and the drug interactions (edge weights or attributes). Trained with BPR between
+the visit's true package and sampled negative packages (Eq. 15). Two variants:
+
+* ``DPRWG`` (§4.3.1, weighted graph): signed edge weights from R, scaled by a contextual impact
+  factor; GRU-gated weighted message passing (Eq. 11–13);
+* ``DPRAG`` (§4.3.2, attributed graph): edge attribute vectors masked by the patient; message /
+  aggregate / update (Eq. 18–20); an auxiliary loss predicts the interaction type (Eq. 21).
+
+The graphs of a whole batch (every visit's true and negative packages in training, every
+visit's candidates in evaluation) are one torch-geometric ``Batch``; no Python loop runs over
+graphs. NCF pre-training (§3) runs at the start of ``fit`` (or is loaded from an NCF checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.data import Batch
+from torch_geometric.nn import GatedGraphConv, MessagePassing
+from torch_geometric.utils import scatter
+
+from datamodules.knowledge import CohortKnowledge
+from lightning_modules.base import KNOWLEDGE_KEY
+from lightning_modules.ncf import NCFCore, PatientEncoder, pretrain_ncf
+from lightning_modules.package_generation import (
+    GenerationRules,
+    mind_interactions,
+    personal_rank,
+    personalise,
+    to_index_lists,
+    to_multi_hot,
+)
+from lightning_modules.package_rec import PackageRecModule, bpr_package_loss, package_probabilities
+from lightning_modules.recommend import visit_record
+
+log = logging.getLogger(__name__)
+
+INTERACTION_CLASSES = ("none", "synergy", "antagonism")
+
+
+class DPR(PackageRecModule):
+    """What DPR-WG and DPR-AG share: pre-training, encoders, readout, scoring, BPR, choice.
+
+    Readout (Eq. 14): g = Σ_v σ(MLP_gate([h⁰_v ‖ h_v])) ⊙ MLP_value([h⁰_v ‖ h_v]); score
+    y = MLP([u ‖ g]). u's encoder and the drug embeddings d start from the pre-trained NCF
+    (and are fine-tuned unless ``finetune_pretrained`` is off); the NCF itself stays frozen and
+    provides the similarity for candidate sets and the personal list of the generation heuristic.
+
+    Args:
+        embedding_dim, hidden_dim, text_dim, dropout: sizes of d / u, the MLPs, the text part of u.
+        num_layers: GNN layers (message-passing steps).
+        use_mask: the patient-conditioned mask layer σ(MLP(u)) (off in the AG-Mask ablation).
+        pretrain_epochs, pretrain_lr, pretrain_weight_decay: NCF pre-training at fit start.
+        ncf_checkpoint: a checkpoint of ``configs/ncf.yaml`` to load instead of pre-training.
+        similar_negatives: extra negatives per training visit drawn from the packages of its most
+            similar training patients (other patients, other packages; the same search as the
+            evaluation candidates), on top of the DataModule's uniformly sampled ones. 0 = the
+            paper's uniform negatives only.
+        finetune_pretrained: train u's encoder and the drug embeddings further (True) or keep the
+            NCF values (False).
+        generation: ``candidates`` = choose among S1 (the paper's evaluation); ``heuristic`` =
+            predict with the package-generation heuristic of §6 (S1 ∪ S2 ∪ S3; records both
+            choices and their F1).
+        heuristic_*: the cut-offs of ``GenerationRules``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        embedding_dim: int = 64,
+        hidden_dim: int = 128,
+        text_dim: int = 32,
+        dropout: float = 0.2,
+        num_layers: int = 2,
+        use_mask: bool = True,
+        pretrain_epochs: int = 40,
+        pretrain_lr: float = 3e-3,
+        pretrain_weight_decay: float = 1e-5,
+        ncf_checkpoint: str | None = None,
+        similar_negatives: int = 0,
+        finetune_pretrained: bool = True,
+        generation: Literal["candidates", "heuristic"] = "candidates",
+        heuristic_high: float = 1.0,
+        heuristic_low: float = 2.0,
+        heuristic_rare: float = 0.3,
+        heuristic_unpopular: float = 0.1,
+        heuristic_frequent: float = 0.3,
+        heuristic_seldom: float = 0.05,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        k = self.knowledge
+        self.ncf = NCFCore(
+            k.document_size, k.note_size, k.num_medications, embedding_dim, hidden_dim, text_dim, dropout
+        )
+        self.ncf.requires_grad_(False)  # trained by pre-training only
+        self.encoder = PatientEncoder(
+            k.document_size, k.note_size, embedding_dim, hidden_dim, text_dim, dropout=dropout
+        )
+        self.drugs = nn.Embedding(k.num_medications, embedding_dim)
+        # set before the optimizer and any DDP wrapper see the parameters
+        self.encoder.requires_grad_(finetune_pretrained)
+        self.drugs.requires_grad_(finetune_pretrained)
+        self.register_buffer("pretrained", torch.tensor(False))
+        u_dim, dim = self.encoder.out_dim, embedding_dim
+        self.readout_gate = nn.Linear(2 * dim, dim)
+        self.readout_value = nn.Linear(2 * dim, dim)
+        self.score = nn.Sequential(
+            nn.Linear(u_dim + dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, 1)
+        )
+        self.rules = GenerationRules(
+            heuristic_high, heuristic_low, heuristic_rare, heuristic_unpopular, heuristic_frequent, heuristic_seldom
+        )
+        self.register_buffer("popularity", torch.as_tensor(k.popularity, dtype=torch.float32), persistent=False)
+
+    # --- subclass hook -------------------------------------------------------------------
+    def graph_nodes(self, u: torch.Tensor, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(initial node states h⁰, final node states h, auxiliary losses) of every graph."""
+        raise NotImplementedError  # pragma: no cover
+
+    # --- pre-training ------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if bool(self.pretrained):  # resumed from a checkpoint of this model
+            return
+        hp = self.hparams
+        if hp.ncf_checkpoint:
+            self.load_ncf(hp.ncf_checkpoint)
+        elif hp.pretrain_epochs > 0:
+            fast = bool(self.trainer.fast_dev_run)
+            history = pretrain_ncf(
+                self.ncf,
+                self.trainer.datamodule.pretrain_dataloader(),
+                epochs=1 if fast else hp.pretrain_epochs,
+                lr=hp.pretrain_lr,
+                weight_decay=hp.pretrain_weight_decay,
+                device=self.device,
+                max_batches=1 if fast else None,
+            )
+            log.info("NCF pre-training: BPR %.4f -> %.4f over %d epochs", history[0], history[-1], len(history))
+        self.initialise_from_ncf()
+        self.pretrained.fill_(True)
+
+    def on_train_start(self) -> None:
+        if self.hparams.similar_negatives > 0:
+            self.refresh_pool()  # the frozen NCF's embeddings: fixed for the whole fit
+
+    def load_ncf(self, path: str) -> None:
+        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        if KNOWLEDGE_KEY in checkpoint:
+            self.knowledge.check_compatible(CohortKnowledge.from_state(checkpoint[KNOWLEDGE_KEY]), what=path)
+        state = {k[len("core.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("core.")}
+        if not state:
+            raise ValueError(f"{path}: not an NCF checkpoint (no core.* weights)")
+        self.ncf.load_state_dict(state)
+
+    def initialise_from_ncf(self) -> None:
+        self.encoder.load_state_dict(self.ncf.encoder.state_dict())
+        with torch.no_grad():
+            self.drugs.weight.copy_(self.ncf.drugs.weight)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # --- scoring -----------------------------------------------------------------------------
+    def retrieval_embedding(self, batch: dict) -> torch.Tensor:
+        return self.ncf.encoder(batch)
+
+    def readout(self, h0: torch.Tensor, h: torch.Tensor, graphs: Batch) -> torch.Tensor:
+        """Eq. 14, summed per graph: (G, dim)."""
+        z = torch.cat([h0, h], dim=-1)
+        gated = torch.sigmoid(self.readout_gate(z)) * self.readout_value(z)
+        return scatter(gated, graphs.batch, dim=0, dim_size=graphs.num_graphs, reduce="sum")
+
+    def package_scores(self, u: torch.Tensor, graphs: Batch) -> tuple[torch.Tensor, dict]:
+        """y = MLP([u ‖ g]) of every graph (G,), for its owner's u; plus auxiliary losses."""
+        h0, h, aux = self.graph_nodes(u, graphs)
+        g = self.readout(h0, h, graphs)
+        return self.score(torch.cat([u[graphs.owner], g], dim=-1)).squeeze(-1), aux
+
+    def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        graphs = batch.get("graphs")
+        if graphs is None:
+            raise ValueError("DPR trains on negative packages: set data.init_args.negative_packages >= 1")
+        u = self.encoder(batch)
+        y, aux = self.package_scores(u, graphs)
+        y = y.view(len(u), -1)
+        negatives = y[:, 1:]
+        if self.hparams.similar_negatives > 0:
+            negatives = torch.cat([negatives, self.score_candidates(batch, self.similar_negatives(batch), u)], 1)
+        losses = {"bpr": bpr_package_loss(y[:, 0], negatives), **aux}
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def similar_negatives(self, batch: dict) -> torch.Tensor:
+        """(N, h, L) packages of similar other training patients, h drawn at random among them."""
+        ids, _, packages = self.candidates(batch)
+        usable = (ids >= 0) & (ids != batch["package_id"].unsqueeze(1))
+        order = torch.rand(ids.shape, device=ids.device).masked_fill(~usable, 2.0).argsort(1)
+        pick = order[:, : self.hparams.similar_negatives]
+        packages = packages.gather(1, pick.unsqueeze(-1).expand(-1, -1, packages.shape[-1]))
+        return packages.masked_fill(~usable.gather(1, pick).unsqueeze(-1), -1)
+
+    def score_candidates(self, batch: dict, packages: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C, L) candidate packages (-1 rows = none) -> (N, C) scores, -inf where none."""
+        valid = packages[..., 0] >= 0
+        scores = torch.full(valid.shape, float("-inf"), device=packages.device)
+        if not valid.any():
+            return scores
+        graphs = self.graph_builder.build(packages[valid])
+        graphs.owner = valid.nonzero()[:, 0]
+        u = self.encoder(batch) if u is None else u
+        scores[valid] = self.package_scores(u, graphs)[0].to(scores.dtype)
+        return scores
+
+    def visit_probabilities(self, batch: dict) -> torch.Tensor:
+        _, _, packages = self.candidates(batch)
+        scores = self.score_candidates(batch, packages)
+        return package_probabilities(packages, scores, scores.argmax(1), self.num_medications)
+
+    # --- package generation heuristic (§6) ----------------------------------------------
+    def generate(self, batch: dict) -> dict[str, torch.Tensor]:
+        """S1, S2, S3 of every visit scored together.
+
+        Returns ``packages`` (N, 3C, L) (S1 at [0, C), S2 at [C, 2C), S3 at [2C, 3C); -1 rows
+        where a candidate is missing or empty), ``scores`` (N, 3C), ``candidate_choice`` (best of
+        S1, the non-heuristic choice) and ``heuristic_choice`` (best of all).
+        """
+        _, _, s1_packages = self.candidates(batch)
+        num_candidates = s1_packages.shape[1]
+        valid = s1_packages[..., 0] >= 0
+        s1 = to_multi_hot(s1_packages, self.num_medications) & valid.unsqueeze(-1)
+        rank = personal_rank(self.ncf.scores(batch))
+        k = self.knowledge.mean_package_size
+        s2 = personalise(s1, valid, rank, self.popularity, k, self.rules)
+        s3 = mind_interactions(
+            s1, valid, rank, self.graph_builder.relation, self.graph_builder.cooccurrence, k, self.rules
+        )
+        hot = torch.cat([s1, s2, s3], dim=1)
+        packages = to_index_lists(hot)
+        packages = packages.masked_fill(~hot.any(-1, keepdim=True), -1)
+        scores = self.score_candidates(batch, packages)
+        return {
+            "packages": packages,
+            "scores": scores,
+            "candidate_choice": scores[:, :num_candidates].argmax(1),
+            "heuristic_choice": scores.argmax(1),
+        }
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Base records; with ``generation: heuristic`` the heuristic choice, plus for comparison
+        the non-heuristic choice (``candidate_drugs``), each one's F1 against the visit's true
+        package and where the heuristic choice came from (``source`` S1/S2/S3)."""
+        if self.hparams.generation != "heuristic":
+            return super().predict_step(batch, batch_idx)
+        out = self.generate(batch)
+        rows = torch.arange(len(out["scores"]), device=out["scores"].device)
+        probs = package_probabilities(out["packages"], out["scores"], out["heuristic_choice"], self.num_medications)
+        truth = to_multi_hot(batch["package"], self.num_medications)
+        per_group = out["packages"].shape[1] // 3
+        candidate = to_multi_hot(out["packages"][rows, out["candidate_choice"]], self.num_medications)
+        heuristic = to_multi_hot(out["packages"][rows, out["heuristic_choice"]], self.num_medications)
+        f1, candidate_f1 = set_f1(heuristic, truth).tolist(), set_f1(candidate, truth).tolist()
+        dataset = self._predict_dataset()
+        codes = self.knowledge.vocab["medication"]
+        records = []
+        for n, (b, t) in enumerate(batch["visit_mask"].nonzero().tolist()):
+            p_index = int(batch["patient_index"][b])
+            ids = (
+                {"patient_id": dataset.patient_ids[p_index], "visit_id": dataset.samples[p_index]["visit_ids"][t]}
+                if dataset is not None
+                else {"patient_id": p_index, "visit_id": t}
+            )
+            records.append(
+                {
+                    **ids,
+                    **visit_record(probs[n].float().cpu(), 0.5, self.knowledge),
+                    "source": ("S1", "S2", "S3")[int(out["heuristic_choice"][n]) // per_group],
+                    "f1": round(f1[n], 4),
+                    "candidate_drugs": [codes[d] for d in candidate[n].nonzero().flatten().tolist()],
+                    "candidate_f1": round(candidate_f1[n], 4),
+                }
+            )
+        return records
+
+    # --- interpretability ------------------------------------------------------------------
+    @torch.no_grad()
+    def mask_vectors(self, batch: dict) -> torch.Tensor:
+        """σ(MLP(u)) of every visit (Fig. 8)."""
+        return torch.sigmoid(self.mask(self.encoder(batch)))
+
+    @torch.no_grad()
+    def explain(self, batch: dict, packages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-edge figures of each visit's package (N, L): owner, drugs, R, p, and the variant's own."""
+        graphs = self.graph_builder.build(packages)
+        graphs.owner = torch.arange(len(packages), device=packages.device)
+        u = self.encoder(batch)
+        src, dst = graphs.edge_index
+        out = {
+            "owner": graphs.owner[graphs.batch[src]],
+            "drug_v": graphs.x[src],
+            "drug_u": graphs.x[dst],
+            "relation": graphs.relation,
+            "cooccurrence": graphs.cooccurrence,
+        }
+        out.update(self.edge_details(u, graphs))
+        out["score"] = self.package_scores(u, graphs)[0]
+        return out
+
+    def edge_details(self, u: torch.Tensor, graphs: Batch) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class DPRWG(DPR):
+    """DPR on the weighted graph (§4.3.1).
+
+    Edge weight e_vu = 1 for synergism, -1 for antagonism, p_vu otherwise; node states start
+    from the masked drug embeddings d̂_v = σ(MLP(u)) ⊙ d_v; the contextual impact factor
+    c_vu = tanh(aᵀ MLP([d̂_u ‖ d̂_v])) rescales every edge, ê_vu = c_vu · e_vu; a GRU-gated GNN
+    (GatedGraphConv: m_u = Σ_v ê_vu W h_v, h_u ← GRU(m_u, h_u), Eq. 11–13) propagates them.
+
+    Args:
+        edge_weights: ``typed`` (the paper), ``cooccurrence`` (p_vu only, the WG-Type ablation),
+            ``structure`` (1 on every edge; with use_context/use_mask off, the "GNN" baseline).
+        use_context: the contextual impact factor (off in the WG-Context ablation).
+    """
+
+    def __init__(
+        self,
+        *args,
+        edge_weights: Literal["typed", "cooccurrence", "structure"] = "typed",
+        use_context: bool = True,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        hp = self.hparams
+        dim = hp.embedding_dim
+        self.mask = nn.Linear(self.encoder.out_dim, dim)
+        self.context = PairLinear(dim, dim)  # first layer of MLP([d̂_u ‖ d̂_v])
+        self.context_out = nn.Linear(dim, 1, bias=False)  # a
+        self.gnn = GatedGraphConv(dim, hp.num_layers, aggr="add")
+
+    def node_inputs(self, u: torch.Tensor, graphs: Batch) -> torch.Tensor:
+        d = self.drugs(graphs.x)
+        if not self.hparams.use_mask:
+            return d
+        return torch.sigmoid(self.mask(u))[graphs.owner[graphs.batch]] * d
+
+    def edge_weight(self, graphs: Batch) -> torch.Tensor:
+        mode = self.hparams.edge_weights
+        p = graphs.cooccurrence
+        if mode == "structure":
+            return torch.ones_like(p)
+        if mode == "cooccurrence":
+            return p
+        return torch.where(graphs.relation == 1, 1.0, torch.where(graphs.relation == 2, -1.0, p))
+
+    def impact(self, h0: torch.Tensor, graphs: Batch) -> torch.Tensor:
+        src, dst = graphs.edge_index  # edge v -> u: v = src, u = dst
+        return torch.tanh(self.context_out(torch.relu(self.context(h0, dst, src)))).squeeze(-1)
+
+    def graph_nodes(self, u: torch.Tensor, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        h0 = self.node_inputs(u, graphs)
+        weight = self.edge_weight(graphs).to(h0.dtype)
+        if self.hparams.use_context:
+            weight = self.impact(h0, graphs) * weight
+        return h0, self.gnn(h0, graphs.edge_index, weight), {}
+
+    def edge_details(self, u: torch.Tensor, graphs: Batch) -> dict[str, torch.Tensor]:
+        h0 = self.node_inputs(u, graphs)
+        weight = self.edge_weight(graphs)
+        impact = self.impact(h0, graphs) if self.hparams.use_context else torch.ones_like(weight)
+        return {"weight": weight, "impact": impact, "effective_weight": impact * weight}
+
+
+class PairLinear(nn.Module):
+    """Linear layer on the concatenation [x_a ‖ x_b] of two node states, for every edge.
+
+    W [x_a ‖ x_b] + c = W_a x_a + W_b x_b + c: both products are taken once per node and
+    gathered per edge, which is the same function as ``nn.Linear(2·dim, out)`` on the
+    concatenation at a fraction of the cost (graphs have far more edges than nodes).
+    """
+
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.first = nn.Linear(dim, out)
+        self.second = nn.Linear(dim, out, bias=False)
+
+    def forward(self, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return self.first(x)[first] + self.second(x)[second]
+
+
+class AttributedGraphConv(MessagePassing):
+    """DPR-AG's layer (Eq. 18–20): m_vu = MLP([h_v ‖ ê_vu]), a_u = Σ_v m_vu, h_u ← GRU(a_u, h_u).
+
+    The message MLP's linear part on [h_v ‖ ê_vu] is split into a node part (computed once per
+    node) and an edge part, the same function as one linear layer on the concatenation.
+    """
+
+    def __init__(self, dim: int, edge_dim: int):
+        super().__init__(aggr="add")
+        self.message_node = nn.Linear(dim, dim)
+        self.message_edge = nn.Linear(edge_dim, dim, bias=False)
+        self.update_cell = nn.GRUCell(dim, dim)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
+        messages = self.propagate(edge_index, x=self.message_node(x), edge_attr=self.message_edge(edge_attr))
+        return self.update_cell(messages, x)
+
+    def message(self, x_j: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x_j + edge_attr)
+
+
+class DPRAG(DPR):
+    """DPR on the attributed graph (§4.3.2).
+
+    Edge attributes e_vu = MLP([d_v ‖ d_u]) masked by the patient, ê_vu = σ(MLP(u)) ⊙ e_vu;
+    ``num_layers`` AttributedGraphConv layers; loss = BPR + type_weight · cross-entropy of
+    softmax(ê_vuᵀ Q) against R_vu on the edges whose relation is known (none / synergy /
+    antagonism; unknown-kind edges carry no label) (Eq. 21).
+
+    Args:
+        edge_dim: size of the edge attributes.
+        type_weight: weight of the interaction-type loss (0 in the AG-Type ablation).
+    """
+
+    def __init__(self, *args, edge_dim: int = 32, type_weight: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        hp = self.hparams
+        dim = hp.embedding_dim
+        self.edge_in = PairLinear(dim, edge_dim)  # first layer of MLP([d_v ‖ d_u])
+        self.edge_out = nn.Sequential(nn.ReLU(), nn.Linear(edge_dim, edge_dim))
+        self.mask = nn.Linear(self.encoder.out_dim, edge_dim)
+        self.layers = nn.ModuleList(AttributedGraphConv(dim, edge_dim) for _ in range(hp.num_layers))
+        self.types = nn.Linear(edge_dim, len(INTERACTION_CLASSES), bias=False)  # Q
+
+    def edge_attributes(self, u: torch.Tensor, graphs: Batch, d: torch.Tensor) -> torch.Tensor:
+        src, dst = graphs.edge_index
+        e = self.edge_out(self.edge_in(d, src, dst))
+        if self.hparams.use_mask:
+            e = torch.sigmoid(self.mask(u))[graphs.owner[graphs.batch[src]]] * e
+        return e
+
+    def graph_nodes(self, u: torch.Tensor, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        d = self.drugs(graphs.x)
+        e = self.edge_attributes(u, graphs, d)
+        h = d
+        for layer in self.layers:
+            h = layer(h, graphs.edge_index, e)
+        aux = {}
+        if self.training and self.hparams.type_weight > 0:
+            labelled = graphs.relation >= 0
+            if labelled.any():
+                aux["type"] = self.hparams.type_weight * F.cross_entropy(
+                    self.types(e[labelled]), graphs.relation[labelled]
+                )
+        return d, h, aux
+
+    def edge_details(self, u: torch.Tensor, graphs: Batch) -> dict[str, torch.Tensor]:
+        e = self.edge_attributes(u, graphs, self.drugs(graphs.x))
+        return {"class_probabilities": self.types(e).softmax(-1)}
+
+
+def set_f1(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-row F1 of two (N, M) bool sets (0 when either is empty)."""
+    inter = (predicted & truth).sum(-1).float()
+    precision = inter / predicted.sum(-1).clamp(min=1)
+    recall = inter / truth.sum(-1).clamp(min=1)
+    return torch.where(inter > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)

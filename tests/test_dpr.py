@@ -1,0 +1,314 @@
+"""DPR models: losses, batched graph scoring, NCF/NN baselines, heuristic rules, explanations."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.package_graph import PackageGraphDataModule, pad_packages
+from lightning_modules.dpr import DPRAG, DPRWG, set_f1
+from lightning_modules.ncf import NCF, bpr_drug_loss, pretrain_ncf
+from lightning_modules.package_generation import (
+    GenerationRules,
+    mind_interactions,
+    personal_rank,
+    personalise,
+    to_index_lists,
+    to_multi_hot,
+)
+from lightning_modules.package_rec import bpr_package_loss, package_probabilities
+
+SMALL = {"embedding_dim": 16, "hidden_dim": 16, "dropout": 0.0, "pretrain_epochs": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Package-graph batches are many tiny ops: one intra-op thread is faster than two, and
+    immune to the oversubscription of a shared 2-core machine (where two were 40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_cohort_dir):
+    data = PackageGraphDataModule(root=str(tiny_cohort_dir), batch_size=16, negative_packages=4)
+    data.setup("fit")
+    return data
+
+
+@pytest.fixture(scope="module")
+def train_batch(data):
+    torch.manual_seed(0)
+    return next(iter(data.train_dataloader()))
+
+
+@pytest.fixture(scope="module")
+def eval_batch(data):
+    return next(iter(data.val_dataloader()))
+
+
+# --- losses -------------------------------------------------------------------------------
+def test_bpr_package_loss_rewards_ranking_the_true_package_first():
+    positive = torch.tensor([2.0], requires_grad=True)
+    negatives = torch.tensor([[0.0, 1.0]])
+    loss = bpr_package_loss(positive, negatives)
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-2)) + math.log1p(math.exp(-1))) / 2)
+    assert loss < math.log(2) < bpr_package_loss(torch.tensor([-2.0]), negatives)
+    loss.backward()
+    assert positive.grad < 0  # descending the loss raises the true package's score
+    missing = torch.tensor([[0.0, 1.0, float("-inf")]])
+    assert bpr_package_loss(torch.tensor([2.0]), missing) == pytest.approx(loss.item())
+
+
+def test_bpr_drug_loss_compares_prescribed_with_unprescribed_drugs_only():
+    hot = torch.tensor([[1.0, 0.0, 0.0]])
+    good, bad = torch.tensor([[3.0, 0.0, 0.0]]), torch.tensor([[0.0, 3.0, 3.0]])
+    assert bpr_drug_loss(good, hot) == pytest.approx(math.log1p(math.exp(-3)))
+    assert bpr_drug_loss(bad, hot) == pytest.approx(math.log1p(math.exp(3)))
+    # scores among unprescribed drugs do not matter
+    assert bpr_drug_loss(torch.tensor([[3.0, 0.0, -5.0]]), hot) != bpr_drug_loss(good, hot)
+    assert bpr_drug_loss(torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])) == pytest.approx(
+        (math.log1p(math.exp(-1)) + math.log(2)) / 2
+    )
+
+
+def test_package_probabilities_recommend_exactly_the_chosen_package():
+    packages = torch.tensor([[[0, 1, -1], [1, 2, 3], [-1, -1, -1]]])
+    scores = torch.tensor([[0.2, 1.0, float("-inf")]])
+    probs = package_probabilities(packages, scores, torch.tensor([1]), 5)
+    assert (probs >= 0.5).nonzero()[:, 1].tolist() == [1, 2, 3]
+    assert probs[0, 0] > probs[0, 4] == 0  # drug 0 is in a candidate, drug 4 in none
+    assert probs[0, 1] > probs[0, 2]  # both candidates hold drug 1
+
+
+# --- models -------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [DPRWG, DPRAG])
+def test_batched_scores_equal_scores_of_each_graph_alone(cls, data, train_batch):
+    torch.manual_seed(0)
+    model = cls(knowledge=data.knowledge, **SMALL).eval()
+    graphs = train_batch["graphs"]
+    u = model.encoder(train_batch)
+    together = model.package_scores(u, graphs)[0]
+    builder = data.builder
+    alone = []
+    for i, graph in enumerate(graphs.to_data_list()[:12]):
+        single = builder.build(graph.x.unsqueeze(0))
+        single.owner = graphs.owner[i : i + 1]
+        alone.append(model.package_scores(u, single)[0])
+    torch.testing.assert_close(together[:12], torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [DPRWG, DPRAG])
+def test_dpr_learns_to_rank_true_packages_above_negatives(cls, data, train_batch):
+    torch.manual_seed(0)
+    model = cls(knowledge=data.knowledge, **SMALL)
+    model.initialise_from_ncf()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = model.training_loss(train_batch)
+    for _ in range(25):
+        losses = model.training_loss(train_batch)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert losses["bpr"] < 0.5 * first["bpr"]
+    if cls is DPRAG:
+        assert losses["type"] < first["type"]  # interaction types are learnt from the edges
+    model.eval()
+    y = model.package_scores(model.encoder(train_batch), train_batch["graphs"])[0].view(16, -1)
+    assert (y[:, :1] > y[:, 1:]).float().mean() > 0.9
+
+
+def test_similar_negatives_come_from_other_patients_and_other_packages(data, train_batch):
+    torch.manual_seed(0)
+    model = DPRWG(knowledge=data.knowledge, **SMALL, similar_negatives=3).eval()
+    model.refresh_pool(data.candidate_pool())
+    hard = model.similar_negatives(train_batch)
+    assert hard.shape[:2] == (16, 3) and (hard[..., 0] >= 0).all()
+    pool = data.candidate_pool()
+    packages = [set(p[p >= 0].tolist()) for p in pool["packages"]]
+    owners = {}
+    for key, pid in zip(pool["patient_key"].tolist(), pool["package_id"].tolist()):
+        owners.setdefault(pid, set()).add(key)
+    for i in range(16):
+        own = set(train_batch["package"][i][train_batch["package"][i] >= 0].tolist())
+        for negative in hard[i]:
+            drugs = set(negative[negative >= 0].tolist())
+            assert drugs != own
+            pid = packages.index(drugs)
+            assert owners[pid] - {int(train_batch["patient_key"][i])}  # held by another patient
+    losses = model.train().training_loss(train_batch)
+    assert torch.isfinite(losses["loss"])
+
+
+def test_pretraining_lowers_ncf_bpr_and_initialises_dpr(data):
+    torch.manual_seed(0)
+    model = DPRWG(knowledge=data.knowledge, **SMALL)
+    history = pretrain_ncf(model.ncf, data.pretrain_dataloader(), epochs=4, lr=1e-2)
+    assert history[-1] < history[0]
+    assert not any(p.requires_grad for p in model.ncf.parameters())  # frozen again afterwards
+    model.initialise_from_ncf()
+    assert torch.equal(model.drugs.weight, model.ncf.drugs.weight)
+
+
+def test_dpr_starts_from_an_ncf_checkpoint(data, tmp_path):
+    from lightning_modules.base import KNOWLEDGE_KEY
+
+    torch.manual_seed(0)
+    ncf = NCF(knowledge=data.knowledge, embedding_dim=16, hidden_dim=16)
+    torch.save({"state_dict": ncf.state_dict(), KNOWLEDGE_KEY: data.knowledge.to_state()}, tmp_path / "ncf.ckpt")
+    model = DPRAG(knowledge=data.knowledge, **SMALL, ncf_checkpoint=str(tmp_path / "ncf.ckpt"))
+    model.load_ncf(str(tmp_path / "ncf.ckpt"))
+    model.initialise_from_ncf()
+    assert torch.equal(model.ncf.drugs.weight, ncf.core.drugs.weight)
+    assert torch.equal(model.encoder.document.weight, ncf.core.encoder.document.weight)
+
+
+def test_pretraining_state_travels_with_the_checkpoint(data):
+    model = DPRWG(knowledge=data.knowledge, **SMALL, finetune_pretrained=False)
+    assert "pretrained" in model.state_dict() and not model.pretrained
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    model.pretrained.fill_(True)
+    model.on_fit_start()  # resumed: no trainer needed, nothing re-trained
+
+
+def test_evaluation_chooses_one_candidate_of_similar_training_patients(data, eval_batch):
+    torch.manual_seed(0)
+    model = DPRWG(knowledge=data.knowledge, **SMALL).eval()
+    model.refresh_pool(data.candidate_pool())
+    ids, _, packages = model.candidates(eval_batch)
+    assert (ids[:, 0] >= 0).all()
+    probs = model.predict_probabilities(eval_batch)
+    chosen = probs[eval_batch["visit_mask"]] >= 0.5
+    offered = to_multi_hot(packages, data.knowledge.num_medications)
+    assert (offered == chosen.unsqueeze(1)).all(-1).any(1).all()  # every choice is one of the candidates
+    training = {tuple(p[p >= 0].tolist()) for p in data.candidate_pool()["packages"]}
+    assert all(tuple(row.nonzero().flatten().tolist()) in training for row in chosen)
+
+
+def test_ncf_top_k_and_nearest_neighbour_baselines(data, eval_batch):
+    torch.manual_seed(0)
+    k = data.knowledge
+    top = NCF(knowledge=k, recommend="top_k", embedding_dim=16, hidden_dim=16).eval()
+    chosen = top.predict_probabilities(eval_batch)[eval_batch["visit_mask"]] >= 0.5
+    assert chosen.sum(1).eq(round(k.mean_package_size)).all()
+    nearest = NCF(knowledge=k, recommend="nearest", embedding_dim=16, hidden_dim=16).eval()
+    nearest.refresh_pool(data.candidate_pool())
+    _, _, packages = nearest.candidates(eval_batch)
+    chosen = nearest.predict_probabilities(eval_batch)[eval_batch["visit_mask"]] >= 0.5
+    assert torch.equal(chosen, to_multi_hot(packages[:, 0], k.num_medications))
+
+
+def test_text_branch_changes_the_patient_embedding(tmp_path):
+    from conftest import write_cohort
+
+    from datamodules.cohort import Cohort
+
+    folder = write_cohort(tmp_path / "c", n_patients=12)
+    cohort = Cohort.load(folder)
+    cohort.visits["notes"] = [["chest", "pain"] if i % 2 else ["fever"] for i in range(len(cohort.visits))]
+    cohort.save(folder)
+    data = PackageGraphDataModule(root=str(folder), batch_size=4, negative_packages=2)
+    model = DPRWG(knowledge=data.knowledge, **SMALL, text_dim=8)
+    batch = next(iter(data.train_dataloader()))
+    u = model.encoder(batch)
+    assert u.shape[1] == 16 + 8
+    batch["notes"] = torch.zeros_like(batch["notes"])
+    assert not torch.allclose(model.encoder(batch)[:, 16:], u[:, 16:])
+    assert torch.isfinite(model.training_loss(batch)["loss"])
+
+
+# --- generation heuristic (§6) ---------------------------------------------------------------
+def _hot(*sets, m=6):
+    out = torch.zeros(1, len(sets), m, dtype=torch.bool)
+    for c, drugs in enumerate(sets):
+        out[0, c, list(drugs)] = True
+    return out
+
+
+def test_s2_drops_rare_low_ranked_drugs_and_adds_unpopular_high_ranked_ones():
+    rules = GenerationRules(high=1.0, low=2.0, rare=0.5, unpopular=0.1)
+    s1 = _hot({0, 1, 4}, {0, 1}, {0, 2})
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    rank = torch.tensor([[0, 1, 5, 3, 4, 2]])  # K = 2: high = ranks 0-1, low = ranks >= 4
+    popularity = torch.tensor([0.9, 0.8, 0.5, 0.5, 0.5, 0.05])  # drug 5 unpopular, rank 2
+    s2 = personalise(s1, valid, rank, popularity, k=2, rules=rules)
+    # drug 4: in 1/3 < 0.5 of S1 and rank 4 >= 4 -> dropped; drug 2: rare, rank 5 -> dropped
+    assert s2[0, 0].nonzero().flatten().tolist() == [0, 1]
+    assert s2[0, 2].nonzero().flatten().tolist() == [0]
+    # unpopular drug 5 added only when high in l
+    s2 = personalise(s1, valid, rank, popularity, k=3, rules=rules)
+    assert s2[0, 1].nonzero().flatten().tolist() == [0, 1, 5]
+
+
+def test_s3_adds_synergistic_or_co_occurring_drugs_and_drops_the_lower_of_an_antagonism():
+    relation = torch.zeros(6, 6, dtype=torch.long)
+    relation[0, 3] = 1  # synergy 0 -> 3 (direction ignored for adding)
+    relation[1, 2] = 2  # antagonism, rarely co-occurring
+    relation[0, 4] = 2  # antagonism, but often together in practice: kept
+    cooc = torch.zeros(6, 6)
+    cooc[5, 0] = 0.6  # drug 5 co-occurs often with drug 0
+    cooc[0, 4] = cooc[4, 0] = 0.2
+    rules = GenerationRules(high=2.0, frequent=0.3, seldom=0.05)
+    rank = torch.tensor([[3, 0, 1, 2, 5, 4]])  # K = 2: high = ranks < 4 -> drugs 0, 1, 2, 3
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    s1 = _hot({0, 1, 2, 4}, {1})
+    s3 = mind_interactions(s1, valid, rank, relation, cooc, k=2, rules=rules)
+    # + 3 (synergy with 0, high in l); 5 co-occurs with 0 but rank 4 is not high; - 2 (rank 1 > rank 0 of 1)
+    assert s3[0, 0].nonzero().flatten().tolist() == [0, 1, 3, 4]
+    assert s3[0, 1].nonzero().flatten().tolist() == [1]
+    rank = torch.tensor([[3, 0, 1, 2, 5, 0]])
+    rank[0, 5] = 1
+    rank[0, 2] = 4
+    s3 = mind_interactions(s1, valid, rank, relation, cooc, k=2, rules=rules)
+    assert 5 in s3[0, 0].nonzero().flatten().tolist()  # now high in l: added for co-occurring with 0
+
+
+def test_index_list_conversions_and_personal_rank_round_trip():
+    hot = _hot({0, 3}, set(), {1, 2, 5})[0]
+    packages = to_index_lists(hot)
+    assert packages.tolist() == [[0, 3, -1], [-1, -1, -1], [1, 2, 5]]
+    assert torch.equal(to_multi_hot(packages, 6), hot)
+    assert personal_rank(torch.tensor([[0.1, 0.9, 0.5]])).tolist() == [[2, 0, 1]]
+    assert set_f1(_hot({0, 1})[0], _hot({1, 2})[0]).item() == pytest.approx(0.5)
+
+
+def test_heuristic_predict_mode_reports_both_choices(data, tiny_cohort_dir, tmp_path):
+    L.seed_everything(0)
+    model = DPRWG(knowledge=data.knowledge, **SMALL, generation="heuristic")
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=data)
+    records = [r for batch in trainer.predict(model, datamodule=data) for r in batch]
+    assert len(records) == sum(len(rows) for rows in data.split_rows("test"))
+    for record in records[:20]:
+        assert record["source"] in ("S1", "S2", "S3") and record["drugs"] and record["candidate_drugs"]
+        assert 0 <= record["f1"] <= 1 and 0 <= record["candidate_f1"] <= 1
+        assert min(record["probabilities"]) >= 0.5 and len(record["drug_names"]) == len(record["drugs"])
+
+
+# --- interpretability ------------------------------------------------------------------------
+def test_explanations_per_edge_and_mask_vectors(data, eval_batch):
+    torch.manual_seed(0)
+    packages = pad_packages([data.table.package[r] for r in eval_batch["visit_row"].tolist()])
+    wg = DPRWG(knowledge=data.knowledge, **SMALL).eval()
+    out = wg.explain(eval_batch, packages)
+    assert out["impact"].abs().le(1).all() and len(out["impact"]) == len(out["drug_v"])
+    torch.testing.assert_close(out["effective_weight"], out["impact"] * out["weight"])
+    assert set(out["owner"].tolist()) <= set(range(len(packages)))
+    ag = DPRAG(knowledge=data.knowledge, **SMALL).eval()
+    probs = ag.explain(eval_batch, packages)["class_probabilities"]
+    torch.testing.assert_close(probs.sum(-1), torch.ones(len(probs)))
+    masks = wg.mask_vectors(eval_batch)
+    assert masks.shape == (len(packages), 16) and ((masks > 0) & (masks < 1)).all()
