@@ -196,14 +196,8 @@ class SafeDrug(MedRecModule):
             self.register_buffer("substructure_mask", H, persistent=False)
             self.num_substructures = H.shape[1]
             self.functional = nn.Linear(dim, self.num_substructures)
-            import os
-
-            if os.environ.get("SD_INIT") == "unit":
-                bound = 4 / H.sum(1, keepdim=True).clamp(min=1)
-                self.local_weight = nn.Parameter(torch.empty(n_med, self.num_substructures).uniform_(0, 1) * bound)
-            else:
-                bound = n_med**-0.5  # reference initialisation of the masked layer
-                self.local_weight = nn.Parameter(torch.empty(n_med, self.num_substructures).uniform_(-bound, bound))
+            bound = n_med**-0.5  # reference initialisation of the masked layer
+            self.local_weight = nn.Parameter(torch.empty(n_med, self.num_substructures).uniform_(-bound, bound))
 
     def _check_missing(self, missing, medications, policy: str) -> None:
         if not missing:

@@ -10,7 +10,7 @@ from conftest import write_cohort
 from callbacks import PIDDDIController
 from datamodules.cohort import CohortError
 from datamodules.visit_sequence import VisitSequenceDataModule
-from lightning_modules import LogisticRegression, Nearest, SafeDrug
+from lightning_modules import LogisticRegression, SafeDrug
 from lightning_modules.safedrug import predicted_ddi_counts
 
 
@@ -222,40 +222,3 @@ def test_controller_refuses_a_module_without_ddi_control(data):
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[PIDDDIController()])
     with pytest.raises(TypeError, match="needs a module with a `ddi_controller`"):
         trainer.fit(LogisticRegression(knowledge=data.knowledge), datamodule=data)
-
-
-# --- what training achieves on the synthetic cohort -----------------------------------------
-@pytest.fixture(scope="module")
-def synthetic():
-    dm = VisitSequenceDataModule(synthetic_patients=500, synthetic_seed=7, batch_size=16)
-    dm.setup("fit")
-    return dm
-
-
-def fit_and_test(model, dm, epochs, callbacks=()):
-    L.seed_everything(0)
-    trainer = quiet_trainer(max_epochs=epochs, callbacks=list(callbacks))
-    trainer.fit(model, datamodule=dm)
-    return trainer.test(model, datamodule=dm, verbose=False)[0]
-
-
-@pytest.fixture(scope="module")
-def controlled_fits(synthetic):
-    """SafeDrug at the paper's γ = 0.06 and at γ = 0 (same seed, same epochs)."""
-    results = {}
-    for gamma in (0.06, 0.0):
-        torch.manual_seed(0)
-        model = SafeDrug(knowledge=synthetic.knowledge, lr=5e-3)
-        results[gamma] = fit_and_test(model, synthetic, 6, [PIDDDIController(target_ddi=gamma, kp=0.05)])
-    return results
-
-
-def test_short_fit_beats_nearest(synthetic, controlled_fits):
-    nearest = fit_and_test(Nearest(knowledge=synthetic.knowledge), synthetic, 1)
-    assert controlled_fits[0.06]["test_jaccard"] > nearest["test_jaccard"] + 0.05
-    assert controlled_fits[0.06]["test_prauc"] > nearest["test_prauc"]
-
-
-def test_lower_target_gives_lower_ddi(controlled_fits):
-    assert controlled_fits[0.0]["test_ddi_rate"] < 0.7 * controlled_fits[0.06]["test_ddi_rate"]
-    assert controlled_fits[0.0]["test_jaccard"] < controlled_fits[0.06]["test_jaccard"]
