@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "heuristic.json").write_text(json.dumps(result, indent=1))
-    source = Path(opts.data).name if opts.data else "synthetic"
+    source = Path(data.root).name if data.root else "synthetic"
     table = (
         f"Package-generation heuristic (DPR §6) on {source}: {result['test_patients']} test patients, "
         f"{result['test_visits']} visits, F1 averaged per patient\n\n"

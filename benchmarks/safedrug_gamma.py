@@ -7,8 +7,9 @@
 Every γ is one ``benchmarks/run.py`` run in its own process (``<out>/gamma-<γ>/``), with the
 config's ``PIDDDIController`` target set to γ. The script then writes ``<out>/gamma.md`` (one
 row per γ: test figures and whether the output DDI stays within ``--tolerance`` of γ) and
-``<out>/gamma.png`` (Jaccard against output DDI rate). ``--report-only`` rebuilds both from
-finished runs. The plot needs matplotlib (``pip install medrec[bench]``).
+``<out>/gamma.png`` (Jaccard against output DDI rate). A γ whose ``results.json`` exists is not
+trained again, so an interrupted sweep resumes and disjoint ``--gammas`` lists can run in
+parallel into one ``--out``; ``--report-only`` rebuilds both from finished runs. The plot needs matplotlib (``pip install medrec[bench]``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def train(opts: argparse.Namespace, overrides: list[str]) -> None:
     out = Path(opts.out)
     for gamma in opts.gammas:
         folder = run_dir(out, gamma)
+        if (folder / "results.json").is_file():  # finished earlier: an interrupted sweep resumes
+            print(f"γ = {gamma:.2f}: reusing {folder / 'results.json'}", flush=True)
+            continue
         config = config_with_target(Path(opts.config), gamma, folder / "config.yaml")
         cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", str(config), "--out", str(folder)]
         if opts.data:
