@@ -2,10 +2,11 @@
 
     python benchmarks/leaderboard.py --data ../shared/data/mimic3-safedrug --out reports/mimic3 \
         [--configs configs/lr.yaml configs/retain.yaml ...] [--seeds 0 1 2] [--reference safedrug] \
-        [--epochs N] [--gamma-report benchmarks/reports/safedrug_gamma.json]
+        [--epochs N] [--gamma-report <sweep out>/gamma.json] [--jobs 2 --threads 1]
 
 Runs ``benchmarks/run.py`` for each (config, seed) in a child process (results already in
-``<out>/<method>/seed<s>/results.json`` are reused, so an interrupted report resumes), then
+``<out>/<method>/seed<s>/results.json`` are reused, so an interrupted report resumes; ``--jobs``
+runs several at once), then
 writes ``<out>/report.md`` (mean ± std over seeds of the bootstrap means, paired t-test of
 Jaccard against the reference method over the same seeds) and PNG plots: Jaccard vs DDI
 rate for all methods, validation Jaccard per epoch, and SafeDrug's γ-controllability curve
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reference", default=None, help="method the t-test compares against (default: first)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--gamma-report", default=None, help="JSON rows {gamma, jaccard, ddi_rate} of a γ sweep")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: torch's; use cores / jobs)"
+    )
     return parser.parse_args(argv)
 
 
@@ -56,8 +63,11 @@ def run_one(config: str, seed: int, opts: argparse.Namespace) -> dict:
     if opts.epochs:
         command += ["--epochs", str(opts.epochs)]
     out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if opts.threads:
+        env["OMP_NUM_THREADS"] = str(opts.threads)  # torch sizes its intra-op pool from it
     with open(out / "log.txt", "w") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{Path(config).stem} seed {seed} failed; see {out / 'log.txt'}")
     return json.loads((out / "results.json").read_text())
@@ -184,10 +194,14 @@ def main(argv=None) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     configs = opts.configs or default_configs()
     jobs = [(c, s) for c in configs for s in opts.seeds]
-    rows = []
-    for config, seed in tqdm(jobs, desc="leaderboard runs", unit="run"):
-        result = run_one(config, seed, opts)
-        rows.append({**result, "method": Path(config).stem, "seed": seed})
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        futures = [pool.submit(run_one, config, seed, opts) for config, seed in jobs]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="leaderboard runs", unit="run"):
+            pass
+    rows = [
+        {**future.result(), "method": Path(config).stem, "seed": seed}
+        for future, (config, seed) in zip(futures, jobs)
+    ]
     results = pd.DataFrame(rows)
     results.to_csv(out / "runs.csv", index=False)
     reference = opts.reference or Path(configs[0]).stem

@@ -6,10 +6,12 @@
 
 Every γ is one ``benchmarks/run.py`` run in its own process (``<out>/gamma-<γ>/``), with the
 config's ``PIDDDIController`` target set to γ. The script then writes ``<out>/gamma.md`` (one
-row per γ: test figures and whether the output DDI stays within ``--tolerance`` of γ) and
-``<out>/gamma.png`` (Jaccard against output DDI rate). A γ whose ``results.json`` exists is not
-trained again, so an interrupted sweep resumes and disjoint ``--gammas`` lists can run in
-parallel into one ``--out``; ``--report-only`` rebuilds both from finished runs. The plot needs matplotlib (``pip install medrec[bench]``).
+row per γ: test figures and whether the output DDI stays within ``--tolerance`` of γ),
+``<out>/gamma.json`` (the same rows, for ``leaderboard.py --gamma-report``) and
+``<out>/gamma.png`` (Jaccard against output DDI rate). A γ whose ``results.json`` exists is
+not trained again, so an interrupted sweep resumes and disjoint ``--gammas`` lists can run in
+parallel into one ``--out``; ``--report-only`` rebuilds the reports from finished runs. The
+plot needs matplotlib (``pip install medrec[bench]``).
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = collect(out, opts.gammas)
     table = markdown(rows, opts.tolerance)
     (out / "gamma.md").write_text(table)
+    (out / "gamma.json").write_text(json.dumps(rows, indent=1))  # leaderboard.py --gamma-report
     plot(rows, out / "gamma.png")
     print(table)
     return rows
