@@ -377,7 +377,7 @@ DEMO_ATC4 = {  # the demo's most prescribed drugs, by name
     "pantoprazole": "A02BC",
     "metoprolol": "C07AB",
     "senna": "A06AB",
-    "insulin": "A10AB",
+    "insulin": "A10AE",  # the one insulin NDC the test maps (00088222033) is insulin glargine
     "docusate": "A06AA",
 }
 

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import write_cohort
+from conftest import SHARED_DATA, write_cohort
 
 from datamodules.cohort import CohortError
 from datamodules.visit_sequence import VisitCollator, VisitSequenceDataModule
@@ -312,3 +313,58 @@ def test_phase_state_survives_checkpoint_and_resume(data, tmp_path):
     trainer = fit(resumed, data, max_epochs=2, limit_train_batches=2, ckpt_path=str(path))
     assert int(resumed.therapeutic_batches) == 2 and int(resumed.therapeutic_steps) == 3
     assert int(resumed.phase) == 0 and trainer.global_step == 5 + 2
+
+
+# --- ELOS sanity on the MIMIC-III demo (benchmarks/miranda_demo_elos.py) ---------------------
+DEMO = SHARED_DATA / "mimic3-demo"
+DEMO_MAPPINGS = SHARED_DATA / "mappings"
+
+
+@pytest.mark.skipif(
+    not ((DEMO / "PRESCRIPTIONS.csv.gz").is_file() and (DEMO_MAPPINGS / "ndc2RXCUI.txt").is_file()),
+    reason=f"MIMIC-III demo or ndc2RXCUI.txt not found under {SHARED_DATA}",
+)
+def test_demo_elos_sanity_matches_brute_force(tmp_path, monkeypatch):
+    """Stand-in mapping -> ETL -> ELOS of recorded drug sets; every leave-out figure recomputed by hand."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from miranda_demo_elos import DEMO_ATC4, PROTOCOLS, demo_elos
+
+    from datamodules.cohort import Cohort
+    from datamodules.visit_sequence import PatientSequences
+
+    payload = demo_elos(DEMO, DEMO_MAPPINGS, tmp_path, min_admissions=2, seed=0)
+    mapping = pd.read_csv(tmp_path / "RXCUI2atc4.csv", dtype=str)
+    assert list(mapping.columns) == ["RXCUI", "ATC4", "NDC", "YEAR", "MONTH"] and len(mapping) == 43
+    assert set(mapping["ATC4"]) <= set(DEMO_ATC4.values()) and (mapping["ATC4"].str.len() == 5).all()
+    assert tuple(payload["etl_steps"][-1]) == ("with_procedures", 38, 13)
+    assert payload["cohort"]["visits"] == 38 and len(payload["cohort"]["medications"]) == 14
+    assert sum(s["visits"] for name, s in payload["elos"].items() if name.startswith("split")) == 38
+
+    cohort = Cohort.load(payload["cohort_folder"])
+    samples = PatientSequences(cohort, list(dict.fromkeys(cohort.visits["patient_id"]))).samples
+    n_med = cohort.vocab_size("medication")
+    for name, per_patient, ignore in PROTOCOLS:
+        pool = [{**s, "procedures": [np.zeros(0, np.int64)] * len(s["age"])} for s in samples] if ignore else samples
+        elos, los = [], []
+        for p, sample in enumerate(pool):
+            others = SimpleNamespace(samples=pool[:p] + pool[p + 1 :] if per_patient else pool)
+            for t in range(len(sample["age"])):
+                query = {
+                    "drugs": np.isin(np.arange(n_med), sample["medications"][t]),
+                    "procedures": frozenset(sample["procedures"][t].tolist()),
+                    "age": torch.tensor(sample["age"][t]),
+                    "self": (sample["patient_index"], t),
+                }
+                e, _ = brute_force_elos(others, query, 5.0, 50, 0.35)
+                if not math.isnan(e):
+                    elos.append(e)
+                    los.append(float(sample["los"][t]))
+        got = payload["elos"][name]
+        assert got["visits"] == 38 and got["covered"] == len(elos), name
+        if elos:
+            assert got["elos_recorded"] == pytest.approx(np.mean(elos), rel=1e-5), name
+            assert got["los_same_visits"] == pytest.approx(np.mean(los), rel=1e-5), name
+    # under MiranDa's own rule almost no demo visit shares its procedure set with another
+    assert payload["elos"]["leave-one-visit-out"]["covered"] == 3
+    assert payload["elos"]["leave-one-patient-out"]["covered"] == 0
+    assert payload["elos"]["leave-one-patient-out, procedures ignored"]["covered"] == 37
