@@ -7,8 +7,10 @@ import math
 import lightning as L
 import torch
 
+from callbacks.ddi_control import AttachedDDIControl
 
-class DDIAnnealing(L.Callback):
+
+class DDIAnnealing(AttachedDDIControl):
     """Simulated-annealing choice of the training loss (GAMENet, Shang et al. 2019, "Training").
 
     At every training step the module reports the DDI rate s' of its thresholded predictions for
@@ -36,7 +38,10 @@ class DDIAnnealing(L.Callback):
         seed: seed of the generator that draws the switch.
     """
 
+    attribute = "ddi_switch"
+
     def __init__(self, target_ddi: float = 0.05, temperature: float = 0.5, decay: float = 0.85, seed: int = 0):
+        super().__init__()
         if not 0.0 <= target_ddi <= 1.0:
             raise ValueError(f"target_ddi must lie in [0, 1], got {target_ddi}")
         if temperature <= 0:
@@ -51,7 +56,6 @@ class DDIAnnealing(L.Callback):
         self.epochs_annealed = 0  # decays applied so far = index of the epoch T belongs to
         self.steps = 0  # this epoch
         self.ddi_steps = 0
-        self._strategy = None
 
     # --- the decision ------------------------------------------------------------------
     def probability(self, ddi_rate: float) -> float:
@@ -62,11 +66,7 @@ class DDIAnnealing(L.Callback):
 
     def choose(self, ddi_pairs: torch.Tensor, all_pairs: torch.Tensor) -> bool:
         """True when this step should optimise the DDI loss instead of the prediction loss."""
-        counts = torch.stack([torch.as_tensor(ddi_pairs), torch.as_tensor(all_pairs)]).double()
-        if self._strategy is not None:
-            counts = self._strategy.reduce(counts, reduce_op="sum")
-        ddi, total = counts.tolist()
-        rate = ddi / total if total > 0 else 0.0
+        rate = self.pooled_ddi_rate(ddi_pairs, all_pairs)
         draw = torch.rand((), generator=self.generator).item()  # drawn every step: ranks stay in step
         use_ddi = draw < self.probability(rate)
         self.steps += 1
@@ -74,22 +74,6 @@ class DDIAnnealing(L.Callback):
         return use_ddi
 
     # --- Lightning hooks ---------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not hasattr(pl_module, "ddi_switch"):
-            raise TypeError(
-                f"DDIAnnealing needs a module with a `ddi_switch` attribute (e.g. GAMENet); "
-                f"{type(pl_module).__name__} has none"
-            )
-        pl_module.ddi_switch = self
-        self._strategy = trainer.strategy
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "ddi_switch", None) is self:
-            pl_module.ddi_switch = None
-        self._strategy = None
-
     # Decaying at the start of the next epoch (not at the end of this one) keeps a checkpoint
     # written by the end-of-epoch validation, before on_train_epoch_end, consistent on resume.
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

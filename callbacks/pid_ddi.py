@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 
+from callbacks.ddi_control import AttachedDDIControl
 
-class PIDDDIController(L.Callback):
+
+class PIDDDIController(AttachedDDIControl):
     """β of SafeDrug's loss β·L_acc + (1 − β)·L_ddi from the DDI rate of each training batch.
 
     Paper Eq. 19 (proportional control): with the batch DDI rate r of the thresholded
@@ -36,6 +37,8 @@ class PIDDDIController(L.Callback):
         integral_limit: upper clip of the integral term I.
     """
 
+    attribute = "ddi_controller"
+
     def __init__(
         self,
         target_ddi: float = 0.06,
@@ -44,6 +47,7 @@ class PIDDDIController(L.Callback):
         kd: float = 0.0,
         integral_limit: float = 1.0,
     ):
+        super().__init__()
         if not 0.0 <= target_ddi <= 1.0:
             raise ValueError(f"target_ddi must lie in [0, 1], got {target_ddi}")
         if kp <= 0:
@@ -57,7 +61,6 @@ class PIDDDIController(L.Callback):
         self.error = 0.0
         self.integral = 0.0
         self.steps = 0
-        self._strategy = None
 
     @property
     def state_key(self) -> str:
@@ -77,29 +80,9 @@ class PIDDDIController(L.Callback):
 
     def update(self, ddi_pairs: torch.Tensor | float, all_pairs: torch.Tensor | float) -> float:
         """β for this training step from the batch's (interacting, all) predicted pair counts."""
-        counts = torch.stack([torch.as_tensor(ddi_pairs), torch.as_tensor(all_pairs)]).double()
-        if self._strategy is not None:
-            counts = self._strategy.reduce(counts, reduce_op="sum")
-        ddi, total = counts.tolist()
-        return self.step(ddi / total if total > 0 else 0.0)
+        return self.step(self.pooled_ddi_rate(ddi_pairs, all_pairs))
 
     # --- Lightning hooks -----------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not hasattr(pl_module, "ddi_controller"):
-            raise TypeError(
-                f"PIDDDIController needs a module with a `ddi_controller` attribute (e.g. SafeDrug); "
-                f"{type(pl_module).__name__} has none"
-            )
-        pl_module.ddi_controller = self
-        self._strategy = trainer.strategy
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "ddi_controller", None) is self:
-            pl_module.ddi_controller = None
-        self._strategy = None
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         state = {"pid_beta": self.beta, "pid_ddi_rate": self.ddi_rate, "pid_error": self.error}
         if self.ki > 0:
