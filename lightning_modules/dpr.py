@@ -136,19 +136,29 @@ class DPR(PackageRecModule):
         if hp.ncf_checkpoint:
             self.load_ncf(hp.ncf_checkpoint)
         elif hp.pretrain_epochs > 0:
-            fast = bool(self.trainer.fast_dev_run)
-            history = pretrain_ncf(
-                self.ncf,
-                self.trainer.datamodule.pretrain_dataloader(),
-                epochs=1 if fast else hp.pretrain_epochs,
-                lr=hp.pretrain_lr,
-                weight_decay=hp.pretrain_weight_decay,
-                device=self.device,
-                max_batches=1 if fast else None,
-            )
+            history = self.pretrain()
             log.info("NCF pre-training: BPR %.4f -> %.4f over %d epochs", history[0], history[-1], len(history))
+            if self.trainer.world_size > 1:
+                # Every rank pre-trained on the whole training split. DDP synchronises weights
+                # only when it wraps the model, before this, so rank 0's result is sent to all:
+                # nondeterministic kernels (GPU) must not start the ranks from different weights.
+                state = {k: v.cpu() for k, v in self.ncf.state_dict().items()}
+                self.ncf.load_state_dict(self.trainer.strategy.broadcast(state, src=0))
         self.initialise_from_ncf()
         self.pretrained.fill_(True)
+
+    def pretrain(self) -> list[float]:
+        """NCF pre-training (§3) of ``self.ncf`` on this process; the mean BPR of each epoch."""
+        hp, fast = self.hparams, bool(self.trainer.fast_dev_run)
+        return pretrain_ncf(
+            self.ncf,
+            self.trainer.datamodule.pretrain_dataloader(),
+            epochs=1 if fast else hp.pretrain_epochs,
+            lr=hp.pretrain_lr,
+            weight_decay=hp.pretrain_weight_decay,
+            device=self.device,
+            max_batches=1 if fast else None,
+        )
 
     def on_train_start(self) -> None:
         if self.hparams.similar_negatives > 0:

@@ -74,6 +74,16 @@ class MiranDaPredictor(MedRecModule):
         self.encoders = nn.ModuleDict({name: self._encoder(embedding_dim, heads, layers, dropout) for name in features})
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(len(features) * embedding_dim, k.num_medications)
+        # Every module exists whatever `features` says (one checkpoint layout), but those of
+        # feature types left out take no gradient: DDP (find_unused_parameters off) stops at
+        # trainable parameters that never receive one.
+        unused = [self.embeddings[name] for name in CODE_FEATURES if name not in features]
+        if "medications" not in features:
+            unused.append(self.previous_drugs)
+        if "demographics" not in features:
+            unused += [self.age, self.gender, self.admission]
+        for module in unused:
+            module.requires_grad_(False)
         self.stay_index: StayIndex | None = None
         self.val_elos = ELOSMetric()
         self.test_elos = ELOSMetric()

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lightning_modules.base import MedRecModule
 from lightning_modules.visit_ops import previous_visit
+
+
+def _default_anchor(module, state_dict, prefix, *args) -> None:
+    state_dict.setdefault(f"{prefix}ddp_anchor", torch.zeros(()))
 
 
 class DrugFrequency(MedRecModule):
@@ -22,6 +27,11 @@ class DrugFrequency(MedRecModule):
         self.register_buffer("prevalence", torch.zeros(m))
         self.register_buffer("_drug_counts", torch.zeros(m), persistent=False)
         self.register_buffer("_visit_count", torch.zeros(()), persistent=False)
+        # Lightning wraps the module in DistributedDataParallel to fit under DDP, and DDP refuses
+        # a module without a trainable parameter. This scalar is never used or optimised; it only
+        # lets the wrapper accept the model. Checkpoints saved before it existed still load.
+        self.ddp_anchor = nn.Parameter(torch.zeros(()))
+        self.register_load_state_dict_pre_hook(_default_anchor)
 
     def on_train_epoch_start(self) -> None:
         self._drug_counts.zero_()
