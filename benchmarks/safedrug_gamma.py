@@ -81,7 +81,7 @@ def train(opts: argparse.Namespace, overrides: list[str]) -> None:
 
 def collect(out: Path, gammas: list[float]) -> list[dict]:
     rows = []
-    for gamma in gammas:
+    for gamma in sorted(gammas):  # the table and the curve run along γ whatever the training order
         path = run_dir(out, gamma) / "results.json"
         if not path.is_file():
             raise SystemExit(f"{path} is missing: run without --report-only first")
