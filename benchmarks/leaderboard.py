@@ -199,8 +199,7 @@ def main(argv=None) -> pd.DataFrame:
         for _ in tqdm(as_completed(futures), total=len(futures), desc="leaderboard runs", unit="run"):
             pass
     rows = [
-        {**future.result(), "method": Path(config).stem, "seed": seed}
-        for future, (config, seed) in zip(futures, jobs)
+        {**future.result(), "method": Path(config).stem, "seed": seed} for future, (config, seed) in zip(futures, jobs)
     ]
     results = pd.DataFrame(rows)
     results.to_csv(out / "runs.csv", index=False)
