@@ -1,7 +1,8 @@
 """MiranDa vs its baseline predictor over several seeds (the paper's protocol: 30 seeds on MIMIC).
 
     python benchmarks/miranda_seeds.py --out benchmarks/reports/miranda_seeds \
-        [--seeds 0 1 2 3 4] [--epochs 30] [--data <folder>] [--threads 1] [CLI overrides ...]
+        [--seeds 0 1 2 3 4] [--epochs 30] [--data <folder>] [--threads 1] \
+        [--methods miranda --reuse <earlier out>/runs.json] [CLI overrides ...]
 
 Per seed s, both ``configs/miranda_baseline.yaml`` and ``configs/miranda.yaml`` are trained on
 the same random split (``split=random``, ``seed=s``, 70/15/15 as in the paper) from the same
@@ -14,6 +15,10 @@ baseline) and ``<out>/report.md``, which also holds:
 * speed: seconds per training epoch, the share of it spent in ELOS retrieval (hard and soft),
   and one 512-visit batch: forward/backward/step vs retrieval time;
 * the load average of the machine while it ran.
+
+``--methods miranda --reuse <earlier>/runs.json`` trains MiranDa only (e.g. with other
+``--model.init_args.*`` overrides, which the baseline config would reject) and pairs it with
+the baseline runs of an earlier invocation on the same seeds.
 """
 
 from __future__ import annotations
@@ -331,6 +336,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--data", default=None, help="data root; default the synthetic cohort")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (oversubscribed cores slow torch badly)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to train")
+    parser.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        help="runs.json of earlier invocations: their runs of methods not trained now (same seeds) join the report",
+    )
     opts, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(opts.threads)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
@@ -339,9 +351,14 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     speed = batch_speed(opts.data)
     sanity = elos_sanity(opts.data, opts.seeds[0], {})
-    runs = []
+    runs = [
+        run
+        for path in opts.reuse
+        for run in json.loads(Path(path).read_text())
+        if run["method"] not in opts.methods and run["seed"] in opts.seeds
+    ]
     for seed in opts.seeds:
-        for method in METHODS:
+        for method in opts.methods:
             runs.append(run_one(method, seed, opts, overrides))
             (Path(opts.out) / "runs.json").write_text(json.dumps(runs, indent=1))
     payload = {
