@@ -68,12 +68,12 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from miranda_seeds import elos_sanity  # noqa: E402
+from miranda_seeds import elos_sanity, recorded_elos  # noqa: E402
 
 from datamodules.cohort import Cohort  # noqa: E402
 from datamodules.mimic import EtlOptions, read_etl_report  # noqa: E402
 from datamodules.mimic.etl import prepare  # noqa: E402
-from datamodules.visit_sequence import PatientSequences, VisitCollator  # noqa: E402
+from datamodules.visit_sequence import PatientSequences  # noqa: E402
 from lightning_modules.elos import StayIndex  # noqa: E402
 
 # The demo's most prescribed drugs, by generic name -> WHO ATC level 4 (the table of
@@ -156,18 +156,9 @@ def _figures(elos: torch.Tensor, los: torch.Tensor) -> dict:
     }
 
 
-def _query(index: StayIndex, samples: list[dict], num_medications: int, exclude_self: bool):
-    batch = VisitCollator(num_medications)(samples)
-    patient, visit = batch["visit_mask"].nonzero(as_tuple=True)
-    keys = torch.stack([batch["patient_index"][patient], visit], -1)
-    found = index.retrieve(
-        batch["medications"][patient, visit],
-        batch["procedures"][patient, visit],
-        batch["procedures_mask"][patient, visit],
-        batch["age"][patient, visit],
-        exclude=index.rows_of(keys) if exclude_self else None,
-    )
-    return found.elos, batch["los"][patient, visit]
+def _elos_and_los(index: StayIndex, samples: list[dict], num_medications: int, exclude_self: bool):
+    found, los = recorded_elos(index, samples, num_medications, exclude_self)
+    return found.elos, los
 
 
 def leave_out_elos(cohort: Cohort, per_patient: bool, overrides: dict, ignore_procedures: bool = False) -> dict:
@@ -182,12 +173,12 @@ def leave_out_elos(cohort: Cohort, per_patient: bool, overrides: dict, ignore_pr
     n_proc, n_med = cohort.vocab_size("procedure"), cohort.vocab_size("medication")
     if not per_patient:
         index = StayIndex.from_sequences(SimpleNamespace(samples=samples), n_proc, n_med, **overrides)
-        return _figures(*_query(index, samples, n_med, exclude_self=True))
+        return _figures(*_elos_and_los(index, samples, n_med, exclude_self=True))
     elos, los = [], []
     for left_out, sample in enumerate(samples):
         others = SimpleNamespace(samples=samples[:left_out] + samples[left_out + 1 :])
         index = StayIndex.from_sequences(others, n_proc, n_med, **overrides)
-        e, v = _query(index, [sample], n_med, exclude_self=False)
+        e, v = _elos_and_los(index, [sample], n_med, exclude_self=False)
         elos.append(e)
         los.append(v)
     return _figures(torch.cat(elos), torch.cat(los))

@@ -154,25 +154,32 @@ def run_one(method: str, seed: int, opts, overrides: list[str]) -> dict:
     return result
 
 
+def recorded_elos(index: StayIndex, samples: list[dict], num_medications: int, exclude_self: bool):
+    """Retrieval for the *recorded* drug set of every visit of ``samples``: (Retrieval, real LOS).
+
+    ``exclude_self`` keeps a visit that is itself in the index from retrieving itself.
+    """
+    batch = VisitCollator(num_medications)(samples)
+    patient, visit = batch["visit_mask"].nonzero(as_tuple=True)
+    keys = torch.stack([batch["patient_index"][patient], visit], -1)
+    found = index.retrieve(
+        batch["medications"][patient, visit],
+        batch["procedures"][patient, visit],
+        batch["procedures_mask"][patient, visit],
+        batch["age"][patient, visit],
+        exclude=index.rows_of(keys) if exclude_self else None,
+    )
+    return found, batch["los"][patient, visit]
+
+
 def elos_sanity(data_root: str | None, seed: int, overrides: dict) -> dict:
     """ELOS of the recorded drug sets vs real mean LOS per split (paper Table 2)."""
     dm = VisitSequenceDataModule(root=data_root, split="random", split_ratios=(0.7, 0.15, 0.15), seed=seed)
     k = dm.knowledge
     index = StayIndex.from_sequences(dm.dataset("train"), k.num_procedures, k.num_medications, **overrides)
-    collate = VisitCollator(k.num_medications)
     out = {}
     for split in ("train", "val", "test"):
-        batch = collate(dm.dataset(split).samples)
-        patient, visit = batch["visit_mask"].nonzero(as_tuple=True)
-        keys = torch.stack([batch["patient_index"][patient], visit], -1)
-        found = index.retrieve(
-            batch["medications"][patient, visit],
-            batch["procedures"][patient, visit],
-            batch["procedures_mask"][patient, visit],
-            batch["age"][patient, visit],
-            exclude=index.rows_of(keys) if split == "train" else None,
-        )
-        los = batch["los"][patient, visit]
+        found, los = recorded_elos(index, dm.dataset(split).samples, k.num_medications, exclude_self=split == "train")
         both = found.defined & ~torch.isnan(los)
         out[split] = {
             "visits": int(len(los)),
