@@ -74,3 +74,20 @@ def write_cohort(folder, n_patients=9, visits_per_patient=(1, 2, 3), empty_meds=
         source="handmade",
     )
     return cohort.save(folder)
+
+
+def fit_and_test(model, datamodule, epochs: int, callbacks=()) -> dict:
+    """Seeded quiet fit (no logger, checkpoints or bars), then the test figures of the last weights."""
+    import lightning as L
+
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return trainer.test(model, datamodule=datamodule, verbose=False)[0]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_cohort
+from conftest import fit_and_test, write_cohort
 
 from callbacks import DDIAnnealing
 from datamodules.cohort import Cohort
@@ -289,20 +289,8 @@ def test_ehr_graph_holds_no_test_split_co_prescription(tmp_path):
 def test_short_fit_on_synthetic_cohort_beats_nearest():
     dm = VisitSequenceDataModule(synthetic_patients=400, synthetic_seed=5, batch_size=16)
 
-    def fit_and_test(model, epochs):
-        L.seed_everything(0)
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(model, datamodule=dm)
-        return trainer.test(model, datamodule=dm, verbose=False)[0]
-
-    nearest = fit_and_test(Nearest(knowledge=dm.knowledge), 1)
+    nearest = fit_and_test(Nearest(knowledge=dm.knowledge), dm, 1)
     L.seed_everything(0)
-    gamenet = fit_and_test(GAMENet(knowledge=dm.knowledge, lr=5e-3), 8)
+    gamenet = fit_and_test(GAMENet(knowledge=dm.knowledge, lr=5e-3), dm, 8)
     assert gamenet["test_jaccard"] > nearest["test_jaccard"] + 0.04
     assert gamenet["test_prauc"] > nearest["test_prauc"] + 0.03

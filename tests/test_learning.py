@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
+from conftest import fit_and_test
 
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import RETAIN, DrugFrequency, LogisticRegression, Nearest
@@ -15,19 +15,6 @@ def data():
     dm = VisitSequenceDataModule(synthetic_patients=500, synthetic_seed=7, batch_size=16)
     dm.setup("fit")
     return dm
-
-
-def fit_and_test(model, data, epochs):
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, datamodule=data)
-    return trainer.test(model, datamodule=data, verbose=False)[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import write_cohort
+from conftest import fit_and_test, write_cohort
 
 from callbacks import PIDDDIController
 from datamodules.cohort import CohortError
@@ -230,13 +230,6 @@ def synthetic():
     dm = VisitSequenceDataModule(synthetic_patients=500, synthetic_seed=7, batch_size=16)
     dm.setup("fit")
     return dm
-
-
-def fit_and_test(model, dm, epochs, callbacks=()):
-    L.seed_everything(0)
-    trainer = quiet_trainer(max_epochs=epochs, callbacks=list(callbacks))
-    trainer.fit(model, datamodule=dm)
-    return trainer.test(model, datamodule=dm, verbose=False)[0]
 
 
 def fit_safedrug(dm, gamma):
