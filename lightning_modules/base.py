@@ -20,6 +20,7 @@ from torchmetrics.aggregation import CatMetric
 from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge
 from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendation_metrics, summarize
+from lightning_modules.process_group import destroy_process_group_at_exit
 from lightning_modules.recommend import MODEL_CLASS_KEY, visit_record
 from lightning_modules.visit_ops import margin_targets
 
@@ -88,6 +89,10 @@ class MedRecModule(L.LightningModule):
     @property
     def num_medications(self) -> int:
         return self.knowledge.num_medications
+
+    # Subclasses that override setup call super().setup(stage).
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit(self.trainer)
 
     # --- hooks for subclasses ------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover

@@ -139,6 +139,7 @@ class MiranDaPredictor(MedRecModule):
         return self.stay_index
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.stay_index is not None or not self.has_stay_data:
             return
