@@ -2,7 +2,7 @@
 
     python benchmarks/miranda_seeds.py --out benchmarks/reports/miranda_seeds \
         [--seeds 0 1 2 3 4] [--epochs 30] [--data <folder>] [--threads 1] \
-        [--methods miranda --reuse <earlier out>/runs.json] [CLI overrides ...]
+        [--methods miranda --reuse <earlier out>/runs.json] [--resume] [CLI overrides ...]
 
 Per seed s, both ``configs/miranda_baseline.yaml`` and ``configs/miranda.yaml`` are trained on
 the same random split (``split=random``, ``seed=s``, 70/15/15 as in the paper) from the same
@@ -16,6 +16,8 @@ baseline) and ``<out>/report.md``, which also holds:
   and one 512-visit batch: forward/backward/step vs retrieval time;
 * the load average of the machine while it ran.
 
+``--resume`` keeps the runs an interrupted (or smaller) invocation left in ``<out>/runs.json``
+with the same CLI overrides and trains only the missing method/seed pairs.
 ``--methods miranda --reuse <earlier>/runs.json`` trains MiranDa only (e.g. with other
 ``--model.init_args.*`` overrides, which the baseline config would reject) and pairs it with
 the baseline runs of an earlier invocation on the same seeds.
@@ -345,6 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (oversubscribed cores slow torch badly)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to train")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in <out>/runs.json made with the same overrides; train only the missing ones",
+    )
+    parser.add_argument(
         "--reuse",
         nargs="+",
         default=[],
@@ -364,10 +371,19 @@ def main(argv: list[str] | None = None) -> dict:
         for run in json.loads(Path(path).read_text())
         if run["method"] not in opts.methods and run["seed"] in opts.seeds
     ]
+    done = Path(opts.out) / "runs.json"
+    if opts.resume and done.exists():
+        runs += [
+            run
+            for run in json.loads(done.read_text())
+            if run["method"] in opts.methods and run["seed"] in opts.seeds and run.get("overrides", []) == overrides
+        ]
     for seed in opts.seeds:
         for method in opts.methods:
-            runs.append(run_one(method, seed, opts, overrides))
-            (Path(opts.out) / "runs.json").write_text(json.dumps(runs, indent=1))
+            if any(run["method"] == method and run["seed"] == seed for run in runs):
+                continue
+            runs.append({**run_one(method, seed, opts, overrides), "overrides": overrides})
+            done.write_text(json.dumps(runs, indent=1))
     payload = {
         "data": opts.data or "synthetic",
         "seeds": opts.seeds,
