@@ -66,8 +66,7 @@ KEYS = (
 class RetrievalClock(L.Callback):
     """Seconds of each training epoch and the part of them spent in :class:`StayIndex` retrieval.
 
-    Validation is excluded. (``callbacks.EpochTimer`` stops on ``trainer.training``, which Lightning
-    clears before ``on_validation_start`` inside ``fit``, so its figures include validation.)
+    Validation is excluded, as in ``callbacks.EpochTimer``; this clock adds the retrieval share.
     """
 
     spent = 0.0

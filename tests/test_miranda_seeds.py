@@ -24,6 +24,9 @@ def trained(monkeypatch):
         return {**base, "method": method, "seed": seed, "elos": 10.0 - 0.1 * (1 + seed) * (method == "miranda")}
 
     monkeypatch.setattr(miranda_seeds, "run_one", run_one)
+    # main() also sets process-wide state the rest of the test session must not inherit
+    monkeypatch.setattr(miranda_seeds.RetrievalClock, "install", classmethod(lambda cls: None))
+    monkeypatch.setattr(miranda_seeds.torch, "set_num_threads", lambda n: None)
     monkeypatch.setattr(miranda_seeds, "batch_speed", lambda data: {})
     monkeypatch.setattr(miranda_seeds, "elos_sanity", lambda data, seed, overrides: {})
     monkeypatch.setattr(miranda_seeds, "report", lambda payload: "")
