@@ -509,6 +509,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
         max_visits: int | None = None,
         synthetic_patients: int = 2000,
         synthetic_seed: int = 0,
+        synthetic_options: dict[str, int | float] | None = None,
         cache_dir: str | None = None,
         negative_packages: int = 10,
         similar_patients: int = 10,
@@ -531,6 +532,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             max_visits=max_visits,
             synthetic_patients=synthetic_patients,
             synthetic_seed=synthetic_seed,
+            synthetic_options=synthetic_options,
             cache_dir=cache_dir,
         )
         if negative_packages < 0 or similar_patients < 1:

@@ -18,6 +18,12 @@ frequency:
   already chosen, but not always — so adverse pairs do occur in the prescriptions;
 * length of stay grows with the severity of the conditions and with an inappropriate
   prescription (indicated drugs missing, adverse pairs present), which MiranDa needs.
+
+``regimens > 0`` switches prescribing to a catalogue of standard drug packages (hospital order
+sets), the premise of drug *package* recommendation (DPR): the world draws that many regimens,
+each covering a few conditions (their indicated drugs with the safe substitutes, plus a ward
+routine), and every visit receives the regimen whose conditions best match its own (Jaccard
+over conditions). Packages then recur across patients; everything else is unchanged.
 """
 
 from __future__ import annotations
@@ -51,15 +57,21 @@ class SyntheticSpec:
     noise_drugs: float = 1.0
     safe_substitution: float = 0.7
     unknown_relations: int = 30
+    regimens: int = 0
 
     def __post_init__(self) -> None:
         if self.patients < 1:
             raise ValueError(f"synthetic cohort needs at least 1 patient, got {self.patients}")
         if self.max_visits < 1 or self.mean_visits < 1:
             raise ValueError("synthetic cohort needs mean_visits >= 1 and max_visits >= 1")
+        if self.regimens < 0:
+            raise ValueError(f"regimens must be >= 0 (0 prescribes drug by drug), got {self.regimens}")
 
     def cache_key(self) -> str:
-        payload = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not self.regimens:  # cohorts cached before the option existed keep their key
+            del fields["regimens"]
+        payload = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
         return f"synthetic-{self.patients}p-seed{self.seed}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
 
 
@@ -138,6 +150,55 @@ class _World:
         self.relations = pd.concat([self.relations, extra], ignore_index=True)
 
 
+class RegimenCatalogue:
+    """Standard drug packages (order sets) a regimen-based prescriber chooses from.
+
+    Regimen r covers the conditions ``conditions[r]`` (one acute, up to two chronic, drawn by
+    prevalence); its package is their indicated drugs, each swapped for its alternative when it
+    would interact with a drug already in the package, plus ward-routine drugs drawn once.
+    """
+
+    def __init__(self, rng: np.random.Generator, world: _World, count: int):
+        n_conditions, n_drugs = len(world.conditions), len(world.drugs)
+        packages, covered, seen = [], [], set()
+        for _ in range(count):
+            chosen = [int(rng.choice(world.acute_ids, p=world.acute_p))]
+            n_chronic = min(int(rng.binomial(2, 0.4)), len(world.chronic_ids))
+            if n_chronic:
+                chosen += [
+                    int(c) for c in rng.choice(world.chronic_ids, size=n_chronic, replace=False, p=world.chronic_p)
+                ]
+            given = np.zeros(n_drugs, dtype=bool)
+            for cid in chosen:
+                cond = world.conditions[cid]
+                for code in cond["drugs"]:
+                    d = world.drug_index[code]
+                    alt = cond.get("alternatives", {}).get(code)
+                    if alt in world.drug_index and (world.interacts[d] & given).any():
+                        d = world.drug_index[alt]
+                    given[d] = True
+            for d, p_routine in world.routine.items():
+                given[d] |= rng.random() < p_routine
+            key = (frozenset(chosen), given.tobytes())
+            if key in seen:
+                continue
+            seen.add(key)
+            mask = np.zeros(n_conditions, dtype=bool)
+            mask[chosen] = True
+            packages.append(given)
+            covered.append(mask)
+        self.packages = np.stack(packages)
+        self.conditions = np.stack(covered)
+
+    def choose(self, active: list[int]) -> np.ndarray:
+        """The package of the regimen whose conditions best match ``active`` (Jaccard; first on ties)."""
+        mask = np.zeros(self.conditions.shape[1], dtype=bool)
+        mask[active] = True
+        inter = (self.conditions & mask).sum(1)
+        union = (self.conditions | mask).sum(1)
+        return self.packages[int(np.argmax(inter / union))].copy()
+
+
 def _emit(rng: np.random.Generator, codes: list[str], p: float) -> list[str]:
     """Each code with probability p, but at least one so an active condition leaves a trace."""
     if not codes:
@@ -146,10 +207,38 @@ def _emit(rng: np.random.Generator, codes: list[str], p: float) -> list[str]:
     return keep or [codes[rng.integers(len(codes))]]
 
 
+def _prescribe_drug_by_drug(
+    rng: np.random.Generator, world: _World, spec: SyntheticSpec, active: list[int], previous: np.ndarray
+) -> np.ndarray:
+    """Indicated drugs (continued ones likelier), safe substitutes, carry-over, routine and noise drugs."""
+    n_drugs = len(world.drugs)
+    given = np.zeros(n_drugs, dtype=bool)
+    for cid in active:
+        cond = world.conditions[cid]
+        for code in cond["drugs"]:
+            d = world.drug_index[code]
+            p_give = spec.prescribe_indicated + (1 - spec.prescribe_indicated) * 0.7 * previous[d]
+            if rng.random() >= p_give:
+                continue
+            alt = cond.get("alternatives", {}).get(code)
+            if alt in world.drug_index and (world.interacts[d] & given).any() and rng.random() < spec.safe_substitution:
+                d = world.drug_index[alt]
+            given[d] = True
+    carried = previous & ~given & (rng.random(n_drugs) < spec.continue_previous * 0.5)
+    given |= carried
+    for d, p_routine in world.routine.items():
+        given[d] |= rng.random() < p_routine
+    given[rng.integers(n_drugs, size=rng.poisson(spec.noise_drugs))] = True
+    if not given.any():
+        given[next(iter(world.routine), 0)] = True
+    return given
+
+
 def generate_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec()) -> Cohort:
     """Sample a cohort; the same spec always gives the same cohort."""
     rng = np.random.default_rng(spec.seed)
     world = _World(rng, spec)
+    catalogue = RegimenCatalogue(np.random.default_rng([spec.seed, 1]), world, spec.regimens) if spec.regimens else None
     diag_index = {c: i for i, c in enumerate(world.diagnoses)}
     proc_index = {c: i for i, c in enumerate(world.procedures)}
     lab_index = {c: i for i, c in enumerate(world.labs)}
@@ -187,32 +276,13 @@ def generate_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec()) -> Cohort:
             if not procs or rng.random() < 0.3:
                 procs += list(rng.choice(world.procedures, size=1))
 
-            given = np.zeros(n_drugs, dtype=bool)
             indicated = np.zeros(n_drugs, dtype=bool)
             for cid in active:
-                cond = world.conditions[cid]
-                for code in cond["drugs"]:
-                    d = world.drug_index[code]
-                    indicated[d] = True
-                    p_give = spec.prescribe_indicated + (1 - spec.prescribe_indicated) * 0.7 * previous[d]
-                    if rng.random() >= p_give:
-                        continue
-                    alt = cond.get("alternatives", {}).get(code)
-                    if (
-                        alt in world.drug_index
-                        and (world.interacts[d] & given).any()
-                        and rng.random() < spec.safe_substitution
-                    ):
-                        d = world.drug_index[alt]
-                    given[d] = True
-            carried = previous & ~given & (rng.random(n_drugs) < spec.continue_previous * 0.5)
-            given |= carried
-            for d, p_routine in world.routine.items():
-                given[d] |= rng.random() < p_routine
-            given[rng.integers(n_drugs, size=rng.poisson(spec.noise_drugs))] = True
-            if not given.any():
-                given[next(iter(world.routine), 0)] = True
-
+                indicated[[world.drug_index[code] for code in world.conditions[cid]["drugs"]]] = True
+            if catalogue is not None:
+                given = catalogue.choose(active)
+            else:
+                given = _prescribe_drug_by_drug(rng, world, spec, active, previous)
             base = sorted((world.conditions[c].get("base_los_days", 3.0) for c in active), reverse=True)
             severity = base[0] + 0.3 * sum(base[1:])
             missed = int((indicated & ~given).sum())

@@ -21,6 +21,7 @@ patient_index      (B,) long       row in ``patient_ids`` of the split
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Literal
 
@@ -137,6 +138,23 @@ class VisitCollator:
         return batch
 
 
+def synthetic_spec(patients: int, seed: int, options: dict) -> SyntheticSpec:
+    """The synthetic cohort's spec from the DataModule options; a bad option name or value raises."""
+    fields = {f.name: f.type for f in dataclasses.fields(SyntheticSpec) if f.name not in ("patients", "seed")}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown synthetic_options {unknown}; known: {sorted(fields)}")
+    values = {}
+    for name, value in options.items():
+        # YAML and the CLI may give 150 as 150.0; integer fields must stay integers (cache key)
+        if fields[name] in (int, "int"):
+            if not float(value).is_integer():
+                raise ValueError(f"synthetic_options.{name} must be an integer, got {value}")
+            value = int(value)
+        values[name] = float(value) if fields[name] in (float, "float") else value
+    return SyntheticSpec(patients=patients, seed=seed, **values)
+
+
 class VisitSequenceDataModule(L.LightningDataModule):
     """Loads a cohort (or the synthetic default), splits patients and batches visit sequences.
 
@@ -150,6 +168,8 @@ class VisitSequenceDataModule(L.LightningDataModule):
         min_visits: drop patients with fewer visits (the benchmark already keeps >= 2).
         max_visits: keep only each patient's last N visits (None keeps all).
         synthetic_patients, synthetic_seed: size and seed of the synthetic default.
+        synthetic_options: other ``datamodules.synthetic.SyntheticSpec`` fields, e.g.
+            ``{regimens: 150}`` (prescriptions from a catalogue of standard packages).
         cache_dir: where generated/imported cohorts go (default $MEDREC_CACHE or ~/.cache/medrec).
     """
 
@@ -168,6 +188,7 @@ class VisitSequenceDataModule(L.LightningDataModule):
         max_visits: int | None = None,
         synthetic_patients: int = 2000,
         synthetic_seed: int = 0,
+        synthetic_options: dict[str, int | float] | None = None,
         cache_dir: str | None = None,
     ):
         super().__init__()
@@ -181,7 +202,7 @@ class VisitSequenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.min_visits, self.max_visits = min_visits, max_visits
-        self.synthetic = SyntheticSpec(patients=synthetic_patients, seed=synthetic_seed)
+        self.synthetic = synthetic_spec(synthetic_patients, synthetic_seed, synthetic_options or {})
         self.cache_dir = cache_dir
         self._cohort: Cohort | None = None
         self._splits: dict[str, list[str]] | None = None

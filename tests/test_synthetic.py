@@ -7,8 +7,10 @@ import pytest
 from rdkit import Chem
 
 from datamodules.cohort import Cohort
+from datamodules.package_graph import PackageGraphDataModule
 from datamodules.sources import resolve_cohort
-from datamodules.synthetic import SyntheticSpec, generate_synthetic_cohort, synthetic_cohort
+from datamodules.synthetic import RegimenCatalogue, SyntheticSpec, _World, generate_synthetic_cohort, synthetic_cohort
+from datamodules.visit_sequence import VisitSequenceDataModule, synthetic_spec
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +88,56 @@ def test_generated_once_then_loaded_from_cache(tmp_path):
 def test_bad_spec_rejected():
     with pytest.raises(ValueError, match="at least 1 patient"):
         SyntheticSpec(patients=0)
+
+
+# --- regimen prescribing (a catalogue of standard packages, DPR's premise) ---------------------
+
+
+def test_default_cohort_keeps_its_cache_key_after_the_regimen_option():
+    # the key of the default cohort as cached before `regimens` existed: caches stay valid
+    assert SyntheticSpec().cache_key() == "synthetic-2000p-seed0-487eb9a6ae"
+    assert SyntheticSpec(regimens=5).cache_key() != SyntheticSpec().cache_key()
+
+
+def test_regimen_cohort_prescribes_catalogue_packages_that_recur():
+    spec = SyntheticSpec(patients=300, seed=3, regimens=20)
+    cohort = generate_synthetic_cohort(spec)
+    catalogue = RegimenCatalogue(np.random.default_rng([3, 1]), _World(np.random.default_rng(3), spec), 20)
+    offered = {tuple(np.flatnonzero(p)) for p in catalogue.packages}
+    given = cohort.visits["medications"].map(tuple)
+    assert set(given) <= offered and len(offered) <= 20
+    assert given.value_counts().iloc[0] >= 10  # packages recur across patients
+    # drug-by-drug prescribing gives the same patients nearly unique packages
+    plain = generate_synthetic_cohort(SyntheticSpec(patients=300, seed=3)).visits["medications"].map(tuple)
+    assert plain.nunique() > 0.9 * len(plain) and given.nunique() <= 20
+
+
+def test_regimen_choice_is_the_best_condition_match_first_on_ties():
+    catalogue = object.__new__(RegimenCatalogue)
+    catalogue.conditions = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0]], dtype=bool)
+    catalogue.packages = np.eye(4, dtype=bool)
+    assert catalogue.choose([0, 1]).argmax() == 1  # Jaccard 1 beats 1/2; regimen 3 ties later
+    assert catalogue.choose([0]).argmax() == 0
+    assert catalogue.choose([2]).argmax() == 2  # 1/2 vs 0
+    assert catalogue.choose([0, 2, 3]).argmax() == 2  # 2/3 vs 1/3 and 1/4
+    chosen = catalogue.choose([0])
+    chosen[:] = False
+    assert catalogue.packages[0, 0]  # callers get a copy
+
+
+def test_bad_synthetic_options_raise_a_clear_error():
+    with pytest.raises(ValueError, match="unknown synthetic_options \\['regimen'\\]"):
+        synthetic_spec(100, 0, {"regimen": 5})
+    with pytest.raises(ValueError, match="regimens must be an integer"):
+        synthetic_spec(100, 0, {"regimens": 1.5})
+    with pytest.raises(ValueError, match="regimens must be >= 0"):
+        SyntheticSpec(regimens=-1)
+    assert synthetic_spec(100, 0, {"regimens": 7.0, "noise_drugs": 2}) == SyntheticSpec(
+        patients=100, regimens=7, noise_drugs=2.0
+    )
+
+
+def test_datamodules_pass_synthetic_options_to_the_generator():
+    options = {"regimens": 150}
+    assert VisitSequenceDataModule(synthetic_options=options).synthetic == SyntheticSpec(regimens=150)
+    assert PackageGraphDataModule(synthetic_options=options).synthetic == SyntheticSpec(regimens=150)
