@@ -38,7 +38,7 @@ def sample(spec: dict, rng: random.Random):
     return rng.uniform(low, high)
 
 
-TUNABLE_METHODS = {"lr", "retain", "safedrug", "gamenet", "miranda", "dpr_wg", "dpr_ag"}
+TUNABLE_METHODS = {"lr", "retain", "safedrug", "gamenet", "miranda", "ncf", "dpr_wg", "dpr_ag"}
 
 
 def test_every_method_config_has_a_sweep():
