@@ -71,7 +71,7 @@ def cluster_themes(sets: np.ndarray, labels: np.ndarray, top: int = 3) -> dict[i
 
 
 @torch.no_grad()
-def test_predictions(model: MedRecModule, data: VisitSequenceDataModule) -> dict[str, np.ndarray]:
+def predict_test_split(model: MedRecModule, data: VisitSequenceDataModule) -> dict[str, np.ndarray]:
     """Recommended sets, hard-prediction ELOS and real LOS of every test visit (row-major)."""
     model.eval()
     if getattr(model, "stay_index", None) is None:
@@ -197,17 +197,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clusters", type=int, default=6)
     parser.add_argument("--neighbours", type=int, default=15)
     opts = parser.parse_args(argv)
+    checkpoints = dict(spec.partition("=")[::2] for spec in opts.checkpoint)
+    if any(not name or not path for name, path in checkpoints.items()):
+        parser.error(f"--checkpoint takes name=path, got {opts.checkpoint}")
     start = time.perf_counter()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     data = VisitSequenceDataModule(root=opts.data, split="random", split_ratios=(0.7, 0.15, 0.15), seed=opts.seed)
     data.setup("test")
-    predictions = {}
-    for spec in opts.checkpoint:
-        name, _, path = spec.partition("=")
-        if not path:
-            parser.error(f"--checkpoint takes name=path, got {spec!r}")
-        predictions[name] = test_predictions(Recommender.from_checkpoint(path).model, data)
+    predictions = {
+        name: predict_test_split(Recommender.from_checkpoint(path).model, data) for name, path in checkpoints.items()
+    }
     reference = next(iter(predictions.values()))["sets"]
     everything = np.concatenate([p["sets"] for p in predictions.values()])
     points = embed(everything, opts.neighbours, opts.seed)

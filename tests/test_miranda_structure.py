@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from miranda_structure import cluster_themes, hyperboloid_to_poincare  # noqa: E402
+from miranda_structure import cluster_themes, hyperboloid_to_poincare, main  # noqa: E402
 
 
 def test_hyperboloid_points_map_into_the_disk_preserving_distance_from_the_origin():
@@ -46,3 +47,11 @@ def test_cluster_theme_is_the_drug_that_sets_a_cluster_apart_not_the_routine_one
 def test_cluster_themes_skip_drugs_absent_from_a_cluster():
     sets = np.array([[1, 0, 0], [0, 1, 0]])
     assert cluster_themes(sets, np.array([0, 1]), top=3) == {0: [0], 1: [1]}
+
+
+def test_checkpoint_without_a_name_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "out"), "--checkpoint", "baseline=a.ckpt", "--checkpoint", "b.ckpt"])
+    assert exit_info.value.code == 2
+    assert "--checkpoint takes name=path" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
