@@ -24,15 +24,23 @@ sets), the premise of drug *package* recommendation (DPR): the world draws that 
 each covering a few conditions (their indicated drugs with the safe substitutes, plus a ward
 routine), and every visit receives the regimen whose conditions best match its own (Jaccard
 over conditions). Packages then recur across patients; everything else is unchanged.
+
+``vulnerable_age > 0`` makes interactions matter per patient (DPR's personalised interactions):
+patients of that age or older are spared interacting pairs — the cautious regimen (safe
+substitutes, then one drug of every remaining interacting pair left out), or drug by drug the
+safe substitutes — while younger patients receive the first-line drugs, interacting pairs
+included. Age is in every visit's record, so the rule is learnable from the data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -58,6 +66,7 @@ class SyntheticSpec:
     safe_substitution: float = 0.7
     unknown_relations: int = 30
     regimens: int = 0
+    vulnerable_age: float = 0.0
 
     def __post_init__(self) -> None:
         if self.patients < 1:
@@ -66,11 +75,19 @@ class SyntheticSpec:
             raise ValueError("synthetic cohort needs mean_visits >= 1 and max_visits >= 1")
         if self.regimens < 0:
             raise ValueError(f"regimens must be >= 0 (0 prescribes drug by drug), got {self.regimens}")
+        if self.vulnerable_age < 0:
+            raise ValueError(
+                f"vulnerable_age must be >= 0 (0: every patient is treated alike), got {self.vulnerable_age}"
+            )
 
     def cache_key(self) -> str:
         fields = asdict(self)
-        if not self.regimens:  # cohorts cached before the option existed keep their key
-            del fields["regimens"]
+        for f in dataclasses.fields(self):  # 60 and 60.0 are the same spec: one key
+            if f.type in (float, "float"):
+                fields[f.name] = float(fields[f.name])
+        for name in ("regimens", "vulnerable_age"):  # cohorts cached before these options keep their key
+            if not fields[name]:
+                del fields[name]
         payload = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
         return f"synthetic-{self.patients}p-seed{self.seed}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
 
@@ -154,13 +171,16 @@ class RegimenCatalogue:
     """Standard drug packages (order sets) a regimen-based prescriber chooses from.
 
     Regimen r covers the conditions ``conditions[r]`` (one acute, up to two chronic, drawn by
-    prevalence); its package is their indicated drugs, each swapped for its alternative when it
-    would interact with a drug already in the package, plus ward-routine drugs drawn once.
+    prevalence); its safe package is their indicated drugs, each swapped for its alternative when
+    it would interact with a drug already in the package, plus ward-routine drugs drawn once. Two
+    more versions serve ``vulnerable_age``: first-line (the indicated drugs, interacting pairs
+    included) and cautious (the safe package with one drug of every remaining interacting pair
+    dropped, see ``without_interactions``).
     """
 
     def __init__(self, rng: np.random.Generator, world: _World, count: int):
         n_conditions, n_drugs = len(world.conditions), len(world.drugs)
-        packages, covered, seen = [], [], set()
+        packages, first_line, covered, seen = [], [], [], set()
         for _ in range(count):
             chosen = [int(rng.choice(world.acute_ids, p=world.acute_p))]
             n_chronic = min(int(rng.binomial(2, 0.4)), len(world.chronic_ids))
@@ -169,16 +189,20 @@ class RegimenCatalogue:
                     int(c) for c in rng.choice(world.chronic_ids, size=n_chronic, replace=False, p=world.chronic_p)
                 ]
             given = np.zeros(n_drugs, dtype=bool)
+            first = np.zeros(n_drugs, dtype=bool)
             for cid in chosen:
                 cond = world.conditions[cid]
                 for code in cond["drugs"]:
-                    d = world.drug_index[code]
+                    d = first_d = world.drug_index[code]
                     alt = cond.get("alternatives", {}).get(code)
                     if alt in world.drug_index and (world.interacts[d] & given).any():
                         d = world.drug_index[alt]
                     given[d] = True
+                    first[first_d] = True
             for d, p_routine in world.routine.items():
-                given[d] |= rng.random() < p_routine
+                routine = rng.random() < p_routine
+                given[d] |= routine
+                first[d] |= routine
             key = (frozenset(chosen), given.tobytes())
             if key in seen:
                 continue
@@ -186,17 +210,34 @@ class RegimenCatalogue:
             mask = np.zeros(n_conditions, dtype=bool)
             mask[chosen] = True
             packages.append(given)
+            first_line.append(first)
             covered.append(mask)
         self.packages = np.stack(packages)
+        self.first_line = np.stack(first_line)
+        self.cautious = np.stack([without_interactions(p, world.interacts, set(world.routine)) for p in packages])
         self.conditions = np.stack(covered)
 
-    def choose(self, active: list[int]) -> np.ndarray:
-        """The package of the regimen whose conditions best match ``active`` (Jaccard; first on ties)."""
+    def choose(self, active: list[int], version: Literal["safe", "first_line", "cautious"] = "safe") -> np.ndarray:
+        """A version of the package of the regimen whose conditions best match ``active`` (Jaccard;
+        first on ties): ``safe`` (substitutes), ``first_line`` (interacting pairs kept) or
+        ``cautious`` (substitutes, then no interacting pair left)."""
         mask = np.zeros(self.conditions.shape[1], dtype=bool)
         mask[active] = True
         inter = (self.conditions & mask).sum(1)
         union = (self.conditions | mask).sum(1)
-        return self.packages[int(np.argmax(inter / union))].copy()
+        return getattr(self, "packages" if version == "safe" else version)[int(np.argmax(inter / union))].copy()
+
+
+def without_interactions(package: np.ndarray, interacts: np.ndarray, routine: set[int]) -> np.ndarray:
+    """``package`` (M,) bool with one drug of every interacting pair dropped: the ward-routine drug
+    if only one of the two is routine, else the one with the higher index (pairs in index order)."""
+    package = package.copy()
+    while True:
+        pairs = np.argwhere(np.triu(interacts & package[:, None] & package[None, :]))
+        if not len(pairs):
+            return package
+        a, b = (int(d) for d in pairs[0])
+        package[a if a in routine and b not in routine else b] = False
 
 
 def _emit(rng: np.random.Generator, codes: list[str], p: float) -> list[str]:
@@ -208,9 +249,15 @@ def _emit(rng: np.random.Generator, codes: list[str], p: float) -> list[str]:
 
 
 def _prescribe_drug_by_drug(
-    rng: np.random.Generator, world: _World, spec: SyntheticSpec, active: list[int], previous: np.ndarray
+    rng: np.random.Generator,
+    world: _World,
+    spec: SyntheticSpec,
+    active: list[int],
+    previous: np.ndarray,
+    cautious: bool = True,
 ) -> np.ndarray:
-    """Indicated drugs (continued ones likelier), safe substitutes, carry-over, routine and noise drugs."""
+    """Indicated drugs (continued ones likelier), safe substitutes (only if ``cautious``), carry-over,
+    routine and noise drugs."""
     n_drugs = len(world.drugs)
     given = np.zeros(n_drugs, dtype=bool)
     for cid in active:
@@ -221,7 +268,12 @@ def _prescribe_drug_by_drug(
             if rng.random() >= p_give:
                 continue
             alt = cond.get("alternatives", {}).get(code)
-            if alt in world.drug_index and (world.interacts[d] & given).any() and rng.random() < spec.safe_substitution:
+            if (
+                cautious
+                and alt in world.drug_index
+                and (world.interacts[d] & given).any()
+                and rng.random() < spec.safe_substitution
+            ):
                 d = world.drug_index[alt]
             given[d] = True
     carried = previous & ~given & (rng.random(n_drugs) < spec.continue_previous * 0.5)
@@ -279,15 +331,17 @@ def generate_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec()) -> Cohort:
             indicated = np.zeros(n_drugs, dtype=bool)
             for cid in active:
                 indicated[[world.drug_index[code] for code in world.conditions[cid]["drugs"]]] = True
+            age = age0 + (time - first_time).astype("timedelta64[D]").astype(float) / 365.25
+            cautious = not spec.vulnerable_age or round(age, 1) >= spec.vulnerable_age  # the recorded age
             if catalogue is not None:
-                given = catalogue.choose(active)
+                version = "safe" if not spec.vulnerable_age else "cautious" if cautious else "first_line"
+                given = catalogue.choose(active, version)
             else:
-                given = _prescribe_drug_by_drug(rng, world, spec, active, previous)
+                given = _prescribe_drug_by_drug(rng, world, spec, active, previous, cautious)
             base = sorted((world.conditions[c].get("base_los_days", 3.0) for c in active), reverse=True)
             severity = base[0] + 0.3 * sum(base[1:])
             missed = int((indicated & ~given).sum())
             adverse = int((world.interacts[np.ix_(given, given)]).sum() // 2)
-            age = age0 + (time - first_time).astype("timedelta64[D]").astype(float) / 365.25
             los = severity * rng.gamma(6.0, 1.0 / 6.0) * (1 + 0.004 * max(age - 50, 0))
             los += 1.5 * missed + 1.0 * adverse
 

@@ -169,7 +169,8 @@ class VisitSequenceDataModule(L.LightningDataModule):
         max_visits: keep only each patient's last N visits (None keeps all).
         synthetic_patients, synthetic_seed: size and seed of the synthetic default.
         synthetic_options: other ``datamodules.synthetic.SyntheticSpec`` fields, e.g.
-            ``{regimens: 150}`` (prescriptions from a catalogue of standard packages).
+            ``{regimens: 150}`` (prescriptions from a catalogue of standard packages) or
+            ``{regimens: 150, vulnerable_age: 60}`` (interactions avoided only for patients aged 60+).
         cache_dir: where generated/imported cohorts go (default $MEDREC_CACHE or ~/.cache/medrec).
     """
 

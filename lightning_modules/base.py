@@ -78,6 +78,9 @@ class MedRecModule(L.LightningModule):
         if not 0.0 <= margin_weight <= 1.0:
             raise ValueError(f"margin_weight must lie in [0, 1], got {margin_weight}")
         self.save_hyperparameters(ignore=["knowledge"])
+        # not via hparams: those hold the outermost __init__'s arguments, and subclasses that fix
+        # the threshold (the package recommenders) do not take one
+        self.threshold = threshold
         self.knowledge = knowledge
         self.register_buffer("ddi_adj", knowledge.ddi_tensor(), persistent=False)
         self.val_metrics = recommendation_metrics(self.ddi_adj, threshold, prefix="val_")
@@ -162,7 +165,7 @@ class MedRecModule(L.LightningModule):
                 if dataset is not None
                 else {"patient_id": p_index, "visit_id": t}
             )
-            records.append({**ids, **visit_record(probs[b, t], self.hparams.threshold, self.knowledge)})
+            records.append({**ids, **visit_record(probs[b, t], self.threshold, self.knowledge)})
         return records
 
     def _predict_dataset(self):

@@ -50,9 +50,10 @@ class DPR(PackageRecModule):
     """What DPR-WG and DPR-AG share: pre-training, encoders, readout, scoring, BPR, choice.
 
     Readout (Eq. 14): g = Σ_v σ(MLP_gate([h⁰_v ‖ h_v])) ⊙ MLP_value([h⁰_v ‖ h_v]); score
-    y = MLP([u ‖ g]). u's encoder and the drug embeddings d start from the pre-trained NCF
-    (and are fine-tuned unless ``finetune_pretrained`` is off); the NCF itself stays frozen and
-    provides the similarity for candidate sets and the personal list of the generation heuristic.
+    y = MLP([u ‖ g]) (optionally plus (P u)ᵀ g, see ``score_head``). u's encoder and the drug
+    embeddings d start from the pre-trained NCF (and are fine-tuned unless ``finetune_pretrained``
+    is off); the NCF itself stays frozen and provides the similarity for candidate sets and the
+    personal list of the generation heuristic.
 
     Args:
         embedding_dim, hidden_dim, text_dim, dropout: sizes of d / u, the MLPs, the text part of u.
@@ -66,6 +67,9 @@ class DPR(PackageRecModule):
             paper's uniform negatives only.
         finetune_pretrained: train u's encoder and the drug embeddings further (True) or keep the
             NCF values (False).
+        score_head: ``mlp`` = the paper's y = MLP([u ‖ g]); ``mlp_dot`` adds a bilinear term,
+            y = MLP([u ‖ g]) + (P u)ᵀ g, as NeuMF adds its GMF part to the MLP: a one-hidden-layer
+            MLP on a concatenation models the patient–package product poorly.
         generation: ``candidates`` = choose among S1 (the paper's evaluation); ``heuristic`` =
             predict with the package-generation heuristic of §6 (S1 ∪ S2 ∪ S3; records both
             choices and their F1).
@@ -87,6 +91,7 @@ class DPR(PackageRecModule):
         ncf_checkpoint: str | None = None,
         similar_negatives: int = 0,
         finetune_pretrained: bool = True,
+        score_head: Literal["mlp", "mlp_dot"] = "mlp",
         generation: Literal["candidates", "heuristic"] = "candidates",
         heuristic_high: float = 1.0,
         heuristic_low: float = 2.0,
@@ -99,6 +104,8 @@ class DPR(PackageRecModule):
         super().__init__(*args, **kwargs)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if score_head not in ("mlp", "mlp_dot"):
+            raise ValueError(f"score_head must be 'mlp' or 'mlp_dot', got {score_head!r}")
         k = self.knowledge
         self.ncf = NCFCore(
             k.document_size, k.note_size, k.num_medications, embedding_dim, hidden_dim, text_dim, dropout
@@ -118,6 +125,7 @@ class DPR(PackageRecModule):
         self.score = nn.Sequential(
             nn.Linear(u_dim + dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, 1)
         )
+        self.score_query = nn.Linear(u_dim, dim, bias=False) if score_head == "mlp_dot" else None
         self.rules = GenerationRules(
             heuristic_high, heuristic_low, heuristic_rare, heuristic_unpopular, heuristic_frequent, heuristic_seldom
         )
@@ -196,7 +204,11 @@ class DPR(PackageRecModule):
         """y = MLP([u ‖ g]) of every graph (G,), for its owner's u; plus auxiliary losses."""
         h0, h, aux = self.graph_nodes(u, graphs)
         g = self.readout(h0, h, graphs)
-        return self.score(torch.cat([u[graphs.owner], g], dim=-1)).squeeze(-1), aux
+        u = u[graphs.owner]
+        y = self.score(torch.cat([u, g], dim=-1)).squeeze(-1)
+        if self.score_query is not None:
+            y = y + (self.score_query(u) * g).sum(-1)
+        return y, aux
 
     def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         graphs = batch.get("graphs")

@@ -97,4 +97,4 @@ class Recommender:
         batch = VisitCollator(self.knowledge.num_medications)([sample])
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         probs = self.model.predict_probabilities(batch)[0, len(visits) - 1].float().cpu()
-        return visit_record(probs, self.model.hparams.threshold, self.knowledge)
+        return visit_record(probs, self.model.threshold, self.knowledge)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,22 @@ def test_fit_test_predict_with_checkpoint(tiny_cohort_dir, in_tmp, capsys):
     out = capsys.readouterr().out
     assert "test_jaccard" in out and "test_jaccard_std" in out
     run_cli("predict", *common, "--ckpt_path=ckpt/last.ckpt")
+
+
+@pytest.mark.parametrize("config", ["ncf.yaml", "dpr_nn.yaml", "dpr_wg.yaml"])
+def test_package_recommenders_predict_through_the_cli(config, tiny_cohort_dir, in_tmp):
+    # CLI-built models keep only their own __init__ arguments in hparams (no `threshold`)
+    run_cli(
+        "predict",
+        "--config",
+        str(ROOT / "configs" / config),
+        f"--data.init_args.root={tiny_cohort_dir}",
+        "--trainer.fast_dev_run=true",
+        "--predict_output.path=recs.jsonl",
+    )
+    records = [json.loads(line) for line in (in_tmp / "recs.jsonl").read_text().splitlines()]
+    assert records and all(r["visit_id"] and len(r["drugs"]) == len(r["probabilities"]) for r in records)
+    assert any(r["drugs"] for r in records)
 
 
 def test_print_config_shows_resolved_defaults(capsys):

@@ -103,6 +103,24 @@ def test_batched_scores_equal_scores_of_each_graph_alone(cls, data, train_batch)
     torch.testing.assert_close(together[:12], torch.cat(alone), rtol=1e-4, atol=1e-5)
 
 
+def test_dot_score_head_adds_the_patient_package_product(data, train_batch):
+    torch.manual_seed(0)
+    model = DPRWG(knowledge=data.knowledge, score_head="mlp_dot", **SMALL).eval()
+    assert DPRWG(knowledge=data.knowledge, **SMALL).score_query is None  # the paper's head
+    graphs = train_batch["graphs"]
+    u = model.encoder(train_batch)
+    with_product = model.package_scores(u, graphs)[0]
+    h0, h, _ = model.graph_nodes(u, graphs)
+    g = model.readout(h0, h, graphs)
+    product = (model.score_query(u)[graphs.owner] * g).sum(-1)
+    assert product.abs().mean() > 1e-3
+    with torch.no_grad():
+        model.score_query.weight.zero_()
+    torch.testing.assert_close(with_product - product, model.package_scores(u, graphs)[0])
+    with pytest.raises(ValueError, match="score_head must be 'mlp' or 'mlp_dot'"):
+        DPRWG(knowledge=data.knowledge, score_head="dot", **SMALL)
+
+
 @pytest.mark.parametrize("cls", [DPRWG, DPRAG])
 def test_dpr_learns_to_rank_true_packages_above_negatives(cls, data, train_batch):
     torch.manual_seed(0)
@@ -292,6 +310,11 @@ def test_heuristic_predict_mode_reports_both_choices(data, tiny_cohort_dir, tmp_
     trainer.fit(model, datamodule=data)
     records = [r for batch in trainer.predict(model, datamodule=data) for r in batch]
     assert len(records) == sum(len(rows) for rows in data.split_rows("test"))
+    # the paper's mode records the chosen candidate: exactly the heuristic's non-heuristic choice
+    model.hparams.generation = "candidates"
+    plain = [r for batch in trainer.predict(model, datamodule=data) for r in batch]
+    assert [r["visit_id"] for r in plain] == [r["visit_id"] for r in records]
+    assert [sorted(r["drugs"]) for r in plain] == [sorted(r["candidate_drugs"]) for r in records]
     for record in records[:20]:
         assert record["source"] in ("S1", "S2", "S3") and record["drugs"] and record["candidate_drugs"]
         assert 0 <= record["f1"] <= 1 and 0 <= record["candidate_f1"] <= 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from rdkit import Chem
@@ -9,7 +11,14 @@ from rdkit import Chem
 from datamodules.cohort import Cohort
 from datamodules.package_graph import PackageGraphDataModule
 from datamodules.sources import resolve_cohort
-from datamodules.synthetic import RegimenCatalogue, SyntheticSpec, _World, generate_synthetic_cohort, synthetic_cohort
+from datamodules.synthetic import (
+    RegimenCatalogue,
+    SyntheticSpec,
+    _World,
+    generate_synthetic_cohort,
+    synthetic_cohort,
+    without_interactions,
+)
 from datamodules.visit_sequence import VisitSequenceDataModule, synthetic_spec
 
 
@@ -97,6 +106,22 @@ def test_default_cohort_keeps_its_cache_key_after_the_regimen_option():
     # the key of the default cohort as cached before `regimens` existed: caches stay valid
     assert SyntheticSpec().cache_key() == "synthetic-2000p-seed0-487eb9a6ae"
     assert SyntheticSpec(regimens=5).cache_key() != SyntheticSpec().cache_key()
+    # ... and the regimen cohort its key after `vulnerable_age`
+    assert SyntheticSpec(regimens=150).cache_key() == "synthetic-2000p-seed0-153f393d1f"
+    vulnerable = SyntheticSpec(regimens=150, vulnerable_age=60).cache_key()
+    assert vulnerable != SyntheticSpec(regimens=150).cache_key()
+    assert vulnerable == SyntheticSpec(regimens=150, vulnerable_age=60.0).cache_key()  # YAML may say either
+
+
+def test_default_cohorts_are_unchanged_by_the_generator_options():
+    # fingerprints of the prescriptions as generated before `regimens` / `vulnerable_age` existed
+    for spec, expected in [
+        (SyntheticSpec(patients=300, seed=3), "765a64562f"),
+        (SyntheticSpec(patients=300, seed=3, regimens=20), "97ff83cbe8"),
+    ]:
+        visits = generate_synthetic_cohort(spec).visits
+        text = ";".join(",".join(map(str, m)) for m in visits["medications"]) + str(visits["los"].tolist())
+        assert hashlib.sha1(text.encode()).hexdigest()[:10] == expected
 
 
 def test_regimen_cohort_prescribes_catalogue_packages_that_recur():
@@ -132,6 +157,8 @@ def test_bad_synthetic_options_raise_a_clear_error():
         synthetic_spec(100, 0, {"regimens": 1.5})
     with pytest.raises(ValueError, match="regimens must be >= 0"):
         SyntheticSpec(regimens=-1)
+    with pytest.raises(ValueError, match="vulnerable_age must be >= 0"):
+        synthetic_spec(100, 0, {"vulnerable_age": -5})
     assert synthetic_spec(100, 0, {"regimens": 7.0, "noise_drugs": 2}) == SyntheticSpec(
         patients=100, regimens=7, noise_drugs=2.0
     )
@@ -141,3 +168,45 @@ def test_datamodules_pass_synthetic_options_to_the_generator():
     options = {"regimens": 150}
     assert VisitSequenceDataModule(synthetic_options=options).synthetic == SyntheticSpec(regimens=150)
     assert PackageGraphDataModule(synthetic_options=options).synthetic == SyntheticSpec(regimens=150)
+
+
+# --- personalised interactions (vulnerable_age) ------------------------------------------------
+
+
+def test_without_interactions_drops_one_drug_of_every_interacting_pair():
+    interacts = np.zeros((5, 5), dtype=bool)
+    for a, b in [(0, 1), (1, 2), (3, 4)]:
+        interacts[a, b] = interacts[b, a] = True
+    package = np.ones(5, dtype=bool)
+    # (0, 1): neither routine, the higher index goes; (3, 4): 3 is routine and 4 is not
+    assert np.flatnonzero(without_interactions(package, interacts, {3})).tolist() == [0, 2, 4]
+    # (0, 1): 1 is routine; then (1, 2) is gone with it
+    assert np.flatnonzero(without_interactions(package, interacts, {1})).tolist() == [0, 2, 3]
+    assert package.all()  # the input is left alone
+    assert np.flatnonzero(without_interactions(np.eye(5, dtype=bool)[0], interacts, set())).tolist() == [0]
+
+
+def test_vulnerable_patients_are_spared_interactions_younger_ones_get_first_line_regimens():
+    spec = SyntheticSpec(patients=400, seed=3, regimens=30, vulnerable_age=60)
+    visits = generate_synthetic_cohort(spec).visits
+    world = _World(np.random.default_rng(3), spec)
+    catalogue = RegimenCatalogue(np.random.default_rng([3, 1]), world, 30)
+    adverse = visits["medications"].map(lambda m: int(world.interacts[np.ix_(m, m)].sum()))
+    old = visits["age"] >= 60
+    assert 0.2 < old.mean() < 0.7
+    assert (adverse[old] == 0).all()
+    assert (adverse[~old] > 0).mean() > 0.15  # the young keep interacting first-line pairs
+    first_line = {tuple(np.flatnonzero(p)) for p in catalogue.first_line}
+    cautious = {tuple(np.flatnonzero(p)) for p in catalogue.cautious}
+    assert set(visits.loc[~old, "medications"].map(tuple)) <= first_line
+    assert set(visits.loc[old, "medications"].map(tuple)) <= cautious
+    # drug by drug, only the vulnerable get safe substitutes: more interacting pairs per visit among
+    # the young than when everybody gets them (measured 1.22 -> 1.48), about as many among the old
+    rates = []
+    for age in (0, 60):
+        plain = generate_synthetic_cohort(SyntheticSpec(patients=400, seed=3, vulnerable_age=age)).visits
+        pairs = plain["medications"].map(lambda m: int(world.interacts[np.ix_(m, m)].sum()) // 2)
+        rates.append((pairs[plain["age"] < 60].mean(), pairs[plain["age"] >= 60].mean()))
+    (young_all, old_all), (young_vulnerable, old_vulnerable) = rates
+    assert young_vulnerable > young_all + 0.15
+    assert abs(old_vulnerable - old_all) < 0.15
