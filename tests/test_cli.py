@@ -26,15 +26,20 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_every_config_runs_fast_dev_run(config, tiny_cohort_dir, in_tmp):
+def fast_dev_run(command: str, config: str, root: Path, *extra: str) -> None:
     run_cli(
-        "fit",
+        command,
         "--config",
         str(ROOT / "configs" / config),
-        f"--data.init_args.root={tiny_cohort_dir}",
+        f"--data.init_args.root={root}",
         "--trainer.fast_dev_run=true",
+        *extra,
     )
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_runs_fast_dev_run(config, tiny_cohort_dir, in_tmp):
+    fast_dev_run("fit", config, tiny_cohort_dir)
 
 
 def test_fit_test_predict_with_checkpoint(tiny_cohort_dir, in_tmp, capsys):
@@ -52,14 +57,7 @@ def test_fit_test_predict_with_checkpoint(tiny_cohort_dir, in_tmp, capsys):
 @pytest.mark.parametrize("config", ["ncf.yaml", "dpr_nn.yaml", "dpr_wg.yaml"])
 def test_package_recommenders_predict_through_the_cli(config, tiny_cohort_dir, in_tmp):
     # CLI-built models keep only their own __init__ arguments in hparams (no `threshold`)
-    run_cli(
-        "predict",
-        "--config",
-        str(ROOT / "configs" / config),
-        f"--data.init_args.root={tiny_cohort_dir}",
-        "--trainer.fast_dev_run=true",
-        "--predict_output.path=recs.jsonl",
-    )
+    fast_dev_run("predict", config, tiny_cohort_dir, "--predict_output.path=recs.jsonl")
     records = [json.loads(line) for line in (in_tmp / "recs.jsonl").read_text().splitlines()]
     assert records and all(r["visit_id"] and len(r["drugs"]) == len(r["probabilities"]) for r in records)
     assert any(r["drugs"] for r in records)
