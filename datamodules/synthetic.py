@@ -30,6 +30,11 @@ patients of that age or older are spared interacting pairs — the cautious regi
 substitutes, then one drug of every remaining interacting pair left out), or drug by drug the
 safe substitutes — while younger patients receive the first-line drugs, interacting pairs
 included. Age is in every visit's record, so the rule is learnable from the data.
+
+``extra_ddi_pairs > 0`` adds that many antagonistic pairs among the indicated drugs (synthetic
+knowledge, labelled in the relation table and the DDI graph like the real ones): many interacting
+pairs, each in few packages, so that knowing which pairs interact cannot be replaced by having
+seen each pair often.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class SyntheticSpec:
     unknown_relations: int = 30
     regimens: int = 0
     vulnerable_age: float = 0.0
+    extra_ddi_pairs: int = 0
 
     def __post_init__(self) -> None:
         if self.patients < 1:
@@ -79,13 +85,19 @@ class SyntheticSpec:
             raise ValueError(
                 f"vulnerable_age must be >= 0 (0: every patient is treated alike), got {self.vulnerable_age}"
             )
+        if self.extra_ddi_pairs < 0:
+            raise ValueError(f"extra_ddi_pairs must be >= 0, got {self.extra_ddi_pairs}")
 
     def cache_key(self) -> str:
         fields = asdict(self)
         for f in dataclasses.fields(self):  # 60 and 60.0 are the same spec: one key
             if f.type in (float, "float"):
                 fields[f.name] = float(fields[f.name])
-        for name in ("regimens", "vulnerable_age"):  # cohorts cached before these options keep their key
+        for name in (
+            "regimens",
+            "vulnerable_age",
+            "extra_ddi_pairs",
+        ):  # cohorts cached before these options keep their key
             if not fields[name]:
                 del fields[name]
         payload = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
@@ -144,6 +156,8 @@ class _World:
             self.interacts[self.drug_index[a], self.drug_index[b]] = True
             self.interacts[self.drug_index[b], self.drug_index[a]] = True
         self._add_unknown_relations(rng, spec.unknown_relations)
+        if spec.extra_ddi_pairs:  # its own stream, so the rest of the world is drawn as without it
+            self._add_adverse_pairs(np.random.default_rng([spec.seed, 2]), spec.extra_ddi_pairs)
 
         prevalence = np.array([c.get("prevalence", 1.0) for c in self.conditions], dtype=float)
         chronic = np.array([bool(c.get("chronic", False)) for c in self.conditions])
@@ -164,6 +178,24 @@ class _World:
                 labelled.add(pair)
                 unknown.append((self.drugs[a], self.drugs[b], "unknown", "both"))
         extra = pd.DataFrame(unknown, columns=["drug_a", "drug_b", "relation", "direction"])
+        self.relations = pd.concat([self.relations, extra], ignore_index=True)
+
+    def _add_adverse_pairs(self, rng: np.random.Generator, count: int) -> None:
+        """``count`` more antagonistic pairs among the conditions' indicated drugs, none of them
+        already labelled: a denser interaction world with many pairs, each prescribed rarely."""
+        indicated = sorted({code for c in self.conditions for code in c["drugs"]})
+        labelled = {frozenset(p) for p in zip(self.relations["drug_a"], self.relations["drug_b"])}
+        free = [
+            (a, b) for i, a in enumerate(indicated) for b in indicated[i + 1 :] if frozenset((a, b)) not in labelled
+        ]
+        if count > len(free):
+            raise ValueError(f"extra_ddi_pairs={count}, but only {len(free)} unlabelled pairs of indicated drugs exist")
+        added = [free[i] for i in np.sort(rng.choice(len(free), size=count, replace=False))]
+        for a, b in added:
+            self.interacts[self.drug_index[a], self.drug_index[b]] = True
+            self.interacts[self.drug_index[b], self.drug_index[a]] = True
+        self.ddi_pairs += added
+        extra = pd.DataFrame([(a, b, "antagonism", "both") for a, b in added], columns=self.relations.columns)
         self.relations = pd.concat([self.relations, extra], ignore_index=True)
 
 

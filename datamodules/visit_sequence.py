@@ -170,7 +170,8 @@ class VisitSequenceDataModule(L.LightningDataModule):
         synthetic_patients, synthetic_seed: size and seed of the synthetic default.
         synthetic_options: other ``datamodules.synthetic.SyntheticSpec`` fields, e.g.
             ``{regimens: 150}`` (prescriptions from a catalogue of standard packages) or
-            ``{regimens: 150, vulnerable_age: 60}`` (interactions avoided only for patients aged 60+).
+            ``{regimens: 150, vulnerable_age: 60}`` (interactions avoided only for patients aged 60+);
+            ``extra_ddi_pairs: 150`` adds that many synthetic antagonistic pairs.
         cache_dir: where generated/imported cohorts go (default $MEDREC_CACHE or ~/.cache/medrec).
     """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 import pytest
 from rdkit import Chem
 
@@ -210,3 +211,42 @@ def test_vulnerable_patients_are_spared_interactions_younger_ones_get_first_line
     (young_all, old_all), (young_vulnerable, old_vulnerable) = rates
     assert young_vulnerable > young_all + 0.15
     assert abs(old_vulnerable - old_all) < 0.15
+
+
+# --- a denser interaction world (extra_ddi_pairs) -----------------------------------------------
+
+
+def test_extra_ddi_pairs_are_new_antagonisms_among_indicated_drugs():
+    base = generate_synthetic_cohort(SyntheticSpec(patients=50, seed=3))
+    dense = generate_synthetic_cohort(SyntheticSpec(patients=50, seed=3, extra_ddi_pairs=40))
+    world = _World(np.random.default_rng(3), SyntheticSpec(patients=50, seed=3))
+    indicated = {code for c in world.conditions for code in c["drugs"]}
+    # the real relations come first, unchanged; the new ones follow, all antagonisms of indicated drugs
+    n = len(base.relations)
+    pd.testing.assert_frame_equal(dense.relations.iloc[:n], base.relations)
+    added = dense.relations.iloc[n:]
+    assert len(added) == 40 and set(added["relation"]) == {"antagonism"} and set(added["direction"]) == {"both"}
+    assert set(added["drug_a"]) | set(added["drug_b"]) <= indicated
+    old_pairs = {frozenset(p) for p in zip(base.relations["drug_a"], base.relations["drug_b"])}
+    new_pairs = {frozenset(p) for p in zip(added["drug_a"], added["drug_b"])}
+    assert len(new_pairs) == 40 and not new_pairs & old_pairs
+    assert {frozenset(p) for p in dense.ddi_pairs} == {frozenset(p) for p in base.ddi_pairs} | new_pairs
+
+    # the new pairs act in the world: more prescriptions now hold an adverse pair
+    def adverse(cohort):
+        pairs = {frozenset(p) for p in cohort.ddi_pairs}
+        drugs = cohort.vocab["medication"]
+        return sum(
+            any(frozenset((drugs[a], drugs[b])) in pairs for i, a in enumerate(m) for b in m[i + 1 :])
+            for m in cohort.visits["medications"]
+        )
+
+    assert adverse(dense) > adverse(base)
+    # the cache key of cohorts without the option is kept, and the option is validated
+    assert SyntheticSpec(regimens=150, vulnerable_age=60, extra_ddi_pairs=0).cache_key() == (
+        SyntheticSpec(regimens=150, vulnerable_age=60).cache_key()
+    )
+    with pytest.raises(ValueError, match="extra_ddi_pairs must be >= 0"):
+        SyntheticSpec(extra_ddi_pairs=-1)
+    with pytest.raises(ValueError, match="only .* unlabelled pairs of indicated drugs exist"):
+        generate_synthetic_cohort(SyntheticSpec(patients=5, extra_ddi_pairs=100_000))
