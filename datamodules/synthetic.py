@@ -55,6 +55,10 @@ from datamodules.cohort import Cohort, CohortError, is_cohort_folder
 GENERATOR_VERSION = 1
 
 
+# Options added after cohorts were first cached: left out of the cache key while off, so those caches stay valid.
+KEYLESS_WHEN_OFF = ("regimens", "vulnerable_age", "extra_ddi_pairs")
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     """Size and noise knobs of the synthetic cohort; every field takes part in the cache key."""
@@ -93,11 +97,7 @@ class SyntheticSpec:
         for f in dataclasses.fields(self):  # 60 and 60.0 are the same spec: one key
             if f.type in (float, "float"):
                 fields[f.name] = float(fields[f.name])
-        for name in (
-            "regimens",
-            "vulnerable_age",
-            "extra_ddi_pairs",
-        ):  # cohorts cached before these options keep their key
+        for name in KEYLESS_WHEN_OFF:
             if not fields[name]:
                 del fields[name]
         payload = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
