@@ -61,7 +61,8 @@ KEYLESS_WHEN_OFF = ("regimens", "vulnerable_age", "extra_ddi_pairs")
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """Size and noise knobs of the synthetic cohort; every field takes part in the cache key."""
+    """Size and noise knobs of the synthetic cohort; every field takes part in the cache key
+    (those in ``KEYLESS_WHEN_OFF`` only when set)."""
 
     patients: int = 2000
     seed: int = 0
