@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import Batch
-from torch_geometric.nn import GatedGraphConv, MessagePassing
+from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
 from datamodules.knowledge import CohortKnowledge
@@ -40,6 +40,7 @@ from lightning_modules.package_generation import (
 )
 from lightning_modules.package_rec import PackageRecModule, bpr_package_loss, package_probabilities
 from lightning_modules.recommend import visit_record
+from lightning_modules.sparse_aggregation import SparseGatedGraphConv
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,8 @@ class DPRWG(DPR):
     Edge weight e_vu = 1 for synergism, -1 for antagonism, p_vu otherwise; node states start
     from the masked drug embeddings d̂_v = σ(MLP(u)) ⊙ d_v; the contextual impact factor
     c_vu = tanh(aᵀ MLP([d̂_u ‖ d̂_v])) rescales every edge, ê_vu = c_vu · e_vu; a GRU-gated GNN
-    (GatedGraphConv: m_u = Σ_v ê_vu W h_v, h_u ← GRU(m_u, h_u), Eq. 11–13) propagates them.
+    (GatedGraphConv: m_u = Σ_v ê_vu W h_v, h_u ← GRU(m_u, h_u), Eq. 11–13, the sum taken as a
+    sparse product: ``SparseGatedGraphConv``) propagates them.
 
     Args:
         edge_weights: ``typed`` (the paper), ``cooccurrence`` (p_vu only, the WG-Type ablation),
@@ -370,7 +372,7 @@ class DPRWG(DPR):
         self.mask = nn.Linear(self.encoder.out_dim, dim)
         self.context = PairLinear(dim, dim)  # first layer of MLP([d̂_u ‖ d̂_v])
         self.context_out = nn.Linear(dim, 1, bias=False)  # a
-        self.gnn = GatedGraphConv(dim, hp.num_layers, aggr="add")
+        self.gnn = SparseGatedGraphConv(dim, hp.num_layers, aggr="add")
 
     def node_inputs(self, u: torch.Tensor, graphs: Batch) -> torch.Tensor:
         d = self.drugs(graphs.x)
