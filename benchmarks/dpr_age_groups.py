@@ -2,7 +2,7 @@
 
     python benchmarks/dpr_age_groups.py --age 60 --baseline gnn \
         --synthetic_options '{regimens: 1000, vulnerable_age: 60, extra_ddi_pairs: 150}' \
-        --predictions wg=<recs.jsonl> gnn=<recs.jsonl> [--data <cohort folder>] [--out <dir>]
+        --predictions wg=<recs.jsonl>[,<recs.jsonl>...] gnn=<recs.jsonl>[,...] [--data <cohort folder>] [--out <dir>]
 
 Reads the JSONL that ``train.py predict --predict_output.path`` writes (one row per test visit)
 and the cohort the model was tested on (the synthetic cohort of ``--synthetic_options``, or
@@ -11,6 +11,9 @@ against the recorded package, the share of visits whose package is matched exact
 share whose recommendation holds an adverse (DDI) pair, beside the same share in the recorded
 packages. The last columns compare with ``--baseline`` patient by patient (F1 averaged over each
 patient's visits, the shared protocol): mean difference and the paired t-test p-value.
+Several comma-separated files under one name are runs of one model (training seeds) on the same
+visits: each patient's F1 is averaged over the runs before the paired test, the shares over all
+their rows. A cohort without ages (the SafeDrug benchmark) gets no age groups ("—").
 Writes ``<out>/age_groups.md`` and ``age_groups.json`` when ``--out`` is given.
 """
 
@@ -37,6 +40,7 @@ def visit_table(cohort: Cohort, predictions: Path, age: float) -> pd.DataFrame:
     visits = cohort.visits.set_index("visit_id")
     drugs = cohort.vocab["medication"]
     adverse = {frozenset(pair) for pair in cohort.ddi_pairs}
+    has_age = "age" in visits.columns
 
     def has_adverse(package: set[str]) -> bool:
         ordered = sorted(package)
@@ -53,7 +57,8 @@ def visit_table(cohort: Cohort, predictions: Path, age: float) -> pd.DataFrame:
         rows.append(
             {
                 "patient": visit["patient_id"],
-                "old": bool(visit["age"] >= age),
+                "visit": record["visit_id"],
+                "old": bool(visit["age"] >= age) if has_age else None,
                 "f1": 2 * hits / (len(truth) + len(chosen)) if hits else 0.0,
                 "exact": chosen == truth,
                 "adverse": has_adverse(chosen),
@@ -65,16 +70,32 @@ def visit_table(cohort: Cohort, predictions: Path, age: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarise(cohort: Cohort, predictions: dict[str, Path], age: float, baseline: str | None = None) -> pd.DataFrame:
-    """One row per prediction file (see the module docstring for the columns)."""
+def runs_table(cohort: Cohort, paths: Path | list[Path], age: float) -> pd.DataFrame:
+    """``visit_table`` of every run of one model, with a ``run`` column; the runs must cover the same visits."""
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    tables = [visit_table(cohort, path, age).assign(run=i) for i, path in enumerate(paths)]
+    for path, table in zip(paths[1:], tables[1:]):
+        if sorted(table["visit"]) != sorted(tables[0]["visit"]):
+            raise ValueError(f"{path} and {paths[0]} do not predict the same visits")
+    return pd.concat(tables, ignore_index=True)
+
+
+def summarise(
+    cohort: Cohort, predictions: dict[str, Path | list[Path]], age: float, baseline: str | None = None
+) -> pd.DataFrame:
+    """One row per model, i.e. per prediction file or group of runs (see the module docstring)."""
     if baseline is not None and baseline not in predictions:
         raise ValueError(f"--baseline {baseline!r} is none of the predictions {sorted(predictions)}")
-    tables = {name: visit_table(cohort, path, age) for name, path in predictions.items()}
-    patient_f1 = {name: table.groupby("patient")["f1"].mean() for name, table in tables.items()}
+    tables = {name: runs_table(cohort, paths, age) for name, paths in predictions.items()}
+    patient_f1 = {
+        name: table.groupby(["run", "patient"])["f1"].mean().groupby("patient").mean() for name, table in tables.items()
+    }
     rows = []
     for name, table in tables.items():
         row = {"name": name, "visits": len(table), "patients": len(patient_f1[name]), "f1": patient_f1[name].mean()}
-        for group, part in (("young", table[~table["old"]]), ("old", table[table["old"]])):
+        for column in ("f1", "exact", "adverse", "adverse_recorded"):
+            row[f"{column}_all"] = float(table[column].mean())  # visit-level, every group
+        for group, part in (("young", table[table["old"].eq(False)]), ("old", table[table["old"].eq(True)])):
             row[f"visits_{group}"] = len(part)
             for column in ("f1", "exact", "adverse", "adverse_recorded"):
                 row[f"{column}_{group}"] = float(part[column].mean()) if len(part) else float("nan")
@@ -88,6 +109,14 @@ def summarise(cohort: Cohort, predictions: dict[str, Path], age: float, baseline
     return pd.DataFrame(rows)
 
 
+def groups(row: dict, column: str) -> str:
+    """``young / old`` cell ("—" for a group without visits); without ages, the overall share."""
+    values = [row[f"{column}_{group}"] for group in ("young", "old")]
+    if all(pd.isna(v) for v in values):
+        return f"{row[f'{column}_all']:.3f} (all)"
+    return " / ".join("—" if pd.isna(v) else f"{v:.3f}" for v in values)
+
+
 def markdown(summary: pd.DataFrame, age: float, baseline: str | None) -> str:
     versus = f" | F1 − {baseline} | p (paired)" if baseline else ""
     lines = [
@@ -99,10 +128,7 @@ def markdown(summary: pd.DataFrame, age: float, baseline: str | None) -> str:
         cells = [
             row["name"],
             f"{row['f1']:.4f}",
-            f"{row['f1_young']:.3f} / {row['f1_old']:.3f}",
-            f"{row['exact_young']:.3f} / {row['exact_old']:.3f}",
-            f"{row['adverse_young']:.3f} / {row['adverse_old']:.3f}",
-            f"{row['adverse_recorded_young']:.3f} / {row['adverse_recorded_old']:.3f}",
+            *(groups(row, column) for column in ("f1", "exact", "adverse", "adverse_recorded")),
         ]
         if baseline:
             compared = "f1_minus_baseline" in row and pd.notna(row["f1_minus_baseline"])
@@ -111,16 +137,16 @@ def markdown(summary: pd.DataFrame, age: float, baseline: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def named_path(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, Path(path)
+def named_path(text: str) -> tuple[str, list[Path]]:
+    name, sep, paths = text.partition("=")
+    if not sep or not name or not all(paths.split(",")):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[,PATH...], got {text!r}")
+    return name, [Path(path) for path in paths.split(",")]
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--predictions", nargs="+", type=named_path, required=True, metavar="NAME=PATH")
+    parser.add_argument("--predictions", nargs="+", type=named_path, required=True, metavar="NAME=PATH[,PATH...]")
     parser.add_argument("--age", type=float, default=60.0)
     parser.add_argument("--baseline", default=None)
     parser.add_argument("--data", default=None, help="cohort folder (default: the synthetic cohort)")

@@ -86,3 +86,38 @@ def test_age_groups_command_on_the_synthetic_cohort(tmp_path, monkeypatch):
     assert row["adverse_young"] == row["adverse_recorded_young"]
     assert "| truth | 1.0000 |" in (tmp_path / "out" / "age_groups.md").read_text()
     assert json.loads((tmp_path / "out" / "age_groups.json").read_text())[0]["visits"] == len(recorded)
+
+
+def test_runs_of_one_model_are_averaged_per_patient_before_the_paired_test(tmp_path):
+    cohort = tiny_cohort()
+    seed_a = write(tmp_path / "a.jsonl", {"p1-0": ["A", "C"], "p1-1": ["A", "B"], "p2-0": ["C"]})
+    seed_b = write(tmp_path / "b.jsonl", {"p1-0": ["A"], "p1-1": ["A", "C", "D"], "p2-0": ["A", "B"]})
+    base = write(tmp_path / "base.jsonl", {"p1-0": ["C"], "p1-1": ["C"], "p2-0": ["B"]})
+    summary = dpr_age_groups.summarise(cohort, {"m": [seed_a, seed_b], "base": base}, age=60, baseline="base")
+    m = summary.set_index("name").loc["m"]
+    # per patient over the two runs: p1 (0.7 + 5/6) / 2, p2 (0 + 1) / 2; base: p1 (2/3 + 1/2) / 2, p2 2/3
+    p1, p2 = (0.7 + 5 / 6) / 2, 0.5
+    assert m["f1"] == pytest.approx((p1 + p2) / 2)
+    assert (m["visits"], m["patients"], m["visits_old"]) == (6, 2, 4)
+    assert m["exact_old"] == pytest.approx(2 / 4) and m["adverse_all"] == pytest.approx(2 / 6)
+    base_p1, base_p2 = (2 / 3 + 0.5) / 2, 2 / 3
+    assert m["f1_minus_baseline"] == pytest.approx(((p1 - base_p1) + (p2 - base_p2)) / 2)
+    assert m["p_paired"] == pytest.approx(stats.ttest_rel([p1, p2], [base_p1, base_p2]).pvalue)
+    short = write(tmp_path / "short.jsonl", {"p1-0": ["A"], "p1-1": ["A"]})
+    with pytest.raises(ValueError, match="do not predict the same visits"):
+        dpr_age_groups.summarise(cohort, {"m": [seed_a, short]}, age=60)
+    assert dpr_age_groups.named_path("m=a.jsonl,b.jsonl") == ("m", [Path("a.jsonl"), Path("b.jsonl")])
+    with pytest.raises(Exception, match="NAME=PATH"):
+        dpr_age_groups.named_path("m=a.jsonl,")
+
+
+def test_a_cohort_without_ages_gets_overall_shares_instead_of_age_groups(tmp_path):
+    cohort = tiny_cohort()
+    cohort.visits = cohort.visits.drop(columns="age")
+    model = write(tmp_path / "m.jsonl", {"p1-0": ["A", "C"], "p1-1": ["A", "B"], "p2-0": ["C"]})
+    summary = dpr_age_groups.summarise(cohort, {"m": model}, age=60)
+    row = summary.iloc[0]
+    assert (row["visits_young"], row["visits_old"]) == (0, 0)
+    assert row["f1"] == pytest.approx((0.7 + 0.0) / 2)
+    text = dpr_age_groups.markdown(summary, 60, None)
+    assert "| m | 0.3500 | 0.467 (all) | 0.333 (all) | 0.333 (all) | 0.333 (all) |" in text
