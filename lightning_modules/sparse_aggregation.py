@@ -3,7 +3,7 @@
 DPR-WG aggregates m_u = Σ_v ê_vu x_v over the edges v→u of every package graph (Eq. 11). The
 message-passing form (gather x_v per edge, scale, scatter-add) allocates several (edges × dim)
 tensors per layer and per backward pass; MIMIC package graphs are dense (a training batch holds
-≈ 135k edges on ≈ 6.6k nodes), so those allocations dominate the step. Written as a product
+≈ 135k edges on ≈ 6.6k nodes), so those allocations are much of the step. Written as a product
 with the sparse (nodes × nodes) matrix A[u, v] = ê_vu, the forward pass is one CSR × dense
 product, the gradient for x one product with Aᵀ, and the gradient for the edge weights one
 sampled dense–dense product (SDDMM) at A's nonzeros: no per-edge tensor of width dim is ever
