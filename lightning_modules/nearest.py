@@ -16,17 +16,19 @@ def _default_anchor(module, state_dict, prefix, *args) -> None:
 class DrugFrequency(MedRecModule):
     """Recommends every drug prescribed in at least ``threshold`` of training visits.
 
-    Probability of drug m = its share of training visits. "Training" is one counting pass;
-    counts are summed across DDP ranks before use so every rank holds the same prevalence.
+    Probability of drug m = its share of training visits. "Training" is one counting pass, kept
+    per training patient: under DDP the training sampler repeats a few patients to give every
+    rank the same number, and a repeated patient only rewrites its own row. The rows are merged
+    across ranks (max: a patient's row is the same wherever it was counted) before use, so every
+    rank holds the same prevalence, and each training visit counts once.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        m = self.num_medications
-        self.register_buffer("prevalence", torch.zeros(m))
-        self.register_buffer("_drug_counts", torch.zeros(m), persistent=False)
-        self.register_buffer("_visit_count", torch.zeros(()), persistent=False)
+        self.register_buffer("prevalence", torch.zeros(self.num_medications))
+        self._patient_drugs = torch.zeros(0, self.num_medications)  # (training patients, M) this epoch
+        self._patient_visits = torch.zeros(0)
         # Lightning wraps the module in DistributedDataParallel to fit under DDP, and DDP refuses
         # a module without a trainable parameter. This scalar is never used or optimised; it only
         # lets the wrapper accept the model. Checkpoints saved before it existed still load.
@@ -34,19 +36,34 @@ class DrugFrequency(MedRecModule):
         self.register_load_state_dict_pre_hook(_default_anchor)
 
     def on_train_epoch_start(self) -> None:
-        self._drug_counts.zero_()
-        self._visit_count.zero_()
+        self._patient_drugs = torch.zeros(0, self.num_medications, device=self.device)
+        self._patient_visits = torch.zeros(0, device=self.device)
+
+    def _grow(self, rows: int) -> None:
+        extra = rows - len(self._patient_visits)
+        if extra > 0:
+            self._patient_drugs = torch.cat(
+                [self._patient_drugs, self._patient_drugs.new_zeros(extra, self.num_medications)]
+            )
+            self._patient_visits = torch.cat([self._patient_visits, self._patient_visits.new_zeros(extra)])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         mask = batch["visit_mask"]
-        self._drug_counts += batch["medications"][mask].sum(0)
-        self._visit_count += mask.sum()
+        rows = batch["patient_index"].to(self.device)
+        self._grow(int(rows.max()) + 1)
+        self._patient_drugs[rows] = (batch["medications"] * mask.unsqueeze(-1)).sum(1).float()
+        self._patient_visits[rows] = mask.sum(1).float()
 
     def _refresh_prevalence(self) -> None:
-        counts = self.trainer.strategy.reduce(self._drug_counts.clone(), reduce_op="sum")
-        visits = self.trainer.strategy.reduce(self._visit_count.clone(), reduce_op="sum")
+        strategy = self.trainer.strategy
+        self._patient_drugs = self._patient_drugs.to(self.device)
+        self._patient_visits = self._patient_visits.to(self.device)
+        rows = strategy.reduce(torch.tensor(len(self._patient_visits), device=self.device), reduce_op="max")
+        self._grow(int(rows))
+        drugs = strategy.reduce(self._patient_drugs.clone(), reduce_op="max")
+        visits = strategy.reduce(self._patient_visits.clone(), reduce_op="max").sum()
         if visits > 0:
-            self.prevalence.copy_(counts / visits)
+            self.prevalence.copy_(drugs.sum(0) / visits)
 
     # Validation runs inside the training epoch, before on_train_epoch_end.
     def on_validation_epoch_start(self) -> None:

@@ -64,16 +64,25 @@ def fit_on_two_processes(model, data, tmp_path, **trainer_kwargs) -> tuple[float
 
 
 @pytest.mark.slow
-def test_frequency_counts_every_training_visit_once_under_ddp(tiny_cohort_dir, tmp_path):
+@pytest.mark.parametrize(
+    "split",
+    [
+        {},  # 100 training patients: 50 per rank
+        # 99: the training sampler gives one rank a repeated patient, who must not count twice
+        {"split": "random", "split_ratios": (0.66, 0.17, 0.17)},
+    ],
+)
+def test_frequency_counts_every_training_visit_once_under_ddp(tiny_cohort_dir, tmp_path, split):
     # A parameter-free model used to stop DDP ("DistributedDataParallel is not needed ...").
-    data = VisitSequenceDataModule(root=str(tiny_cohort_dir), batch_size=16)
+    data = VisitSequenceDataModule(root=str(tiny_cohort_dir), batch_size=16, **split)
+    assert len(data.splits["train"]) == (99 if split else 100)
     diff, model = fit_on_two_processes(DrugFrequency(knowledge=data.knowledge), data, tmp_path)
     assert diff == 0.0
     train = data.cohort.visits[data.cohort.visits["patient_id"].isin(data.splits["train"])]
     counts = torch.zeros(data.knowledge.num_medications)
     for meds in train["medications"]:
         counts[list(meds)] += 1
-    torch.testing.assert_close(model.prevalence, counts / len(train))  # 100 train patients: 50 per rank
+    torch.testing.assert_close(model.prevalence, counts / len(train))
 
 
 @pytest.mark.slow
