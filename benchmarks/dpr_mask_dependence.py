@@ -1,0 +1,156 @@
+"""How much a trained DPR model's package choice owes to its patient mask layer σ(MLP(u)).
+
+    python benchmarks/dpr_mask_dependence.py --checkpoints wg=<ckpt>[,<ckpt>...] ag=<ckpt>[,...] \
+        [--data <folder>] [--out <dir>]
+
+The training-time ablations (AG-Mask, WG without the mask) retrain a model without the layer;
+this probe takes a trained model and, on its test visits, swaps the mask out at inference:
+
+* ``learned``: the model as trained (its test F1 of the chosen candidate package);
+* ``mean``: every visit gets the same mask, the mean of the test visits' masks, so whatever
+  the mask does for every patient alike is kept and what it does per patient is removed;
+* ``shuffled``: every visit gets the mask of another visit of its batch.
+
+A model whose choice depends on who the patient is through the mask loses F1 under ``mean``;
+one that gives the mask another job (DPR-AG's interaction-type loss reads the masked edge
+attributes) or none keeps it. F1 is the shared protocol's: per visit, averaged over each
+patient's visits, then over patients. Several comma-separated checkpoints under one name are
+training seeds: the table gives each and their mean. Writes ``<out>/mask_dependence.md`` and
+``mask_dependence.json`` when ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpr_heuristic import load  # noqa: E402
+from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
+from torch_geometric.utils import scatter  # noqa: E402
+
+from lightning_modules.dpr import DPR, set_f1  # noqa: E402
+from lightning_modules.package_generation import to_multi_hot  # noqa: E402
+
+MODES = ("learned", "mean", "shuffled")
+
+
+class ReplacedMask(nn.Module):
+    """Stands in for a trained mask layer (it returns the logits of σ(MLP(u))).
+
+    ``mean``: the logits of ``mean_mask`` for every visit; ``shuffled``: the trained layer's
+    logits of the batch's visits in a random order (``seed``), so each visit gets another's.
+    """
+
+    def __init__(self, layer: nn.Module, mode: str, mean_mask: torch.Tensor | None = None, seed: int = 0):
+        super().__init__()
+        if mode not in ("mean", "shuffled"):
+            raise ValueError(f"mode must be 'mean' or 'shuffled', got {mode!r}")
+        if mode == "mean" and mean_mask is None:
+            raise ValueError("mode 'mean' needs mean_mask")
+        self.layer, self.mode = layer, mode
+        self.mean_logits = None if mean_mask is None else torch.logit(mean_mask.clamp(1e-6, 1 - 1e-6))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean":
+            return self.mean_logits.to(u.device, u.dtype).expand(len(u), -1)
+        return self.layer(u)[torch.randperm(len(u), generator=self.generator).to(u.device)]
+
+
+@torch.no_grad()
+def choice_f1(model: DPR, data) -> float:
+    """Patient-averaged F1 of the candidate each test visit's scores choose."""
+    f1s, patients = [], []
+    for batch in data.test_dataloader():
+        batch = move_data_to_device(batch, model.device)
+        _, _, packages = model.candidates(batch)
+        scores = model.score_candidates(batch, packages)
+        chosen = packages[torch.arange(len(scores), device=scores.device), scores.argmax(1)]
+        m = model.num_medications
+        f1s.append(set_f1(to_multi_hot(chosen, m), to_multi_hot(batch["package"], m)))
+        patients.append(batch["patient_index"][batch["visit_mask"].nonzero()[:, 0]])
+    f1, patient = torch.cat(f1s), torch.cat(patients)
+    _, patient = patient.unique(return_inverse=True)
+    return float(scatter(f1, patient, reduce="mean").mean())
+
+
+@torch.no_grad()
+def mean_mask(model: DPR, data) -> torch.Tensor:
+    """Mean of σ(MLP(u)) over the test visits."""
+    masks = [model.mask_vectors(move_data_to_device(b, model.device)) for b in data.test_dataloader()]
+    return torch.cat(masks).mean(0)
+
+
+def mask_dependence(model: DPR, data, seed: int = 0) -> dict[str, float]:
+    """Test F1 of the chosen package with the learned, the mean and shuffled masks."""
+    model.eval()
+    model.refresh_pool(data.candidate_pool())
+    if not model.hparams.use_mask:
+        raise ValueError("the model was trained without its mask layer (use_mask off): nothing to probe")
+    trained, average = model.mask, mean_mask(model, data)
+    results = {"learned": choice_f1(model, data)}
+    try:
+        for mode in MODES[1:]:
+            model.mask = ReplacedMask(trained, mode, average, seed)
+            results[mode] = choice_f1(model, data)
+    finally:
+        model.mask = trained
+    return results
+
+
+def report(results: dict[str, list[dict[str, float]]]) -> str:
+    lines = [
+        "Test F1 of the chosen package with the trained mask, the mean mask, and masks shuffled across visits\n",
+        "| model | run | learned | mean mask | shuffled | mean − learned |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        rows = [(str(i + 1), r) for i, r in enumerate(runs)]
+        if len(runs) > 1:
+            rows.append(("mean", {m: sum(r[m] for r in runs) / len(runs) for m in MODES}))
+        for run, r in rows:
+            lines.append(
+                f"| {name} | {run} | {r['learned']:.4f} | {r['mean']:.4f} | {r['shuffled']:.4f} | "
+                f"{r['mean'] - r['learned']:+.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="NAME=CKPT[,CKPT...] (DPR-WG or DPR-AG)")
+    parser.add_argument("--data", default=None, help="cohort folder (default: the checkpoint's own data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled masks")
+    parser.add_argument("--out", default=None)
+    opts = parser.parse_args(argv)
+    results = {}
+    for spec in opts.checkpoints:
+        name, sep, paths = spec.partition("=")
+        if not sep or not paths:
+            parser.error(f"--checkpoints takes NAME=CKPT[,CKPT...], got {spec!r}")
+        runs = []
+        for path in paths.split(","):
+            model, data = load(path, opts.data)
+            if not model.hparams.use_mask:
+                parser.error(f"{path}: trained without the mask layer (use_mask off): nothing to probe")
+            data.setup("test")
+            runs.append(mask_dependence(model, data, opts.seed))
+        results[name] = runs
+    text = report(results)
+    print(text)
+    if opts.out:
+        out = Path(opts.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "mask_dependence.md").write_text(text)
+        (out / "mask_dependence.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
