@@ -90,10 +90,10 @@ def mean_mask(model: DPR, data) -> torch.Tensor:
 
 def mask_dependence(model: DPR, data, seed: int = 0) -> dict[str, float]:
     """Test F1 of the chosen package with the learned, the mean and shuffled masks."""
-    model.eval()
-    model.refresh_pool(data.candidate_pool())
     if not model.hparams.use_mask:
         raise ValueError("the model was trained without its mask layer (use_mask off): nothing to probe")
+    model.eval()
+    model.refresh_pool(data.candidate_pool())
     trained, average = model.mask, mean_mask(model, data)
     results = {"learned": choice_f1(model, data)}
     try:
