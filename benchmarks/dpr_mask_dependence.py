@@ -26,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -33,10 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpr_heuristic import load  # noqa: E402
 from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
-from torch_geometric.utils import scatter  # noqa: E402
 
-from lightning_modules.dpr import DPR, set_f1  # noqa: E402
-from lightning_modules.package_generation import to_multi_hot  # noqa: E402
+from lightning_modules.dpr import DPR  # noqa: E402
 
 MODES = ("learned", "mean", "shuffled")
 
@@ -64,21 +63,11 @@ class ReplacedMask(nn.Module):
         return self.layer(u)[torch.randperm(len(u), generator=self.generator).to(u.device)]
 
 
-@torch.no_grad()
-def choice_f1(model: DPR, data) -> float:
-    """Patient-averaged F1 of the candidate each test visit's scores choose."""
-    f1s, patients = [], []
-    for batch in data.test_dataloader():
-        batch = move_data_to_device(batch, model.device)
-        _, _, packages = model.candidates(batch)
-        scores = model.score_candidates(batch, packages)
-        chosen = packages[torch.arange(len(scores), device=scores.device), scores.argmax(1)]
-        m = model.num_medications
-        f1s.append(set_f1(to_multi_hot(chosen, m), to_multi_hot(batch["package"], m)))
-        patients.append(batch["patient_index"][batch["visit_mask"].nonzero()[:, 0]])
-    f1, patient = torch.cat(f1s), torch.cat(patients)
-    _, patient = patient.unique(return_inverse=True)
-    return float(scatter(f1, patient, reduce="mean").mean())
+def loop_f1(model: DPR, data) -> float:
+    """F1 of the test loop itself (the shared protocol: over the full test set, patient-averaged), on CPU."""
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    (metrics,) = trainer.test(model, datamodule=data, verbose=False)
+    return float(metrics["test_all_f1"])
 
 
 @torch.no_grad()
@@ -93,13 +82,12 @@ def mask_dependence(model: DPR, data, seed: int = 0) -> dict[str, float]:
     if not model.hparams.use_mask:
         raise ValueError("the model was trained without its mask layer (use_mask off): nothing to probe")
     model.eval()
-    model.refresh_pool(data.candidate_pool())
     trained, average = model.mask, mean_mask(model, data)
-    results = {"learned": choice_f1(model, data)}
+    results = {"learned": loop_f1(model, data)}
     try:
         for mode in MODES[1:]:
             model.mask = ReplacedMask(trained, mode, average, seed)
-            results[mode] = choice_f1(model, data)
+            results[mode] = loop_f1(model, data)
     finally:
         model.mask = trained
     return results
@@ -133,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for spec in opts.checkpoints:
         name, sep, paths = spec.partition("=")
-        if not sep or not paths:
+        if not (sep and name and paths):
             parser.error(f"--checkpoints takes NAME=CKPT[,CKPT...], got {spec!r}")
         runs = []
         for path in paths.split(","):

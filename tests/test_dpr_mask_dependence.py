@@ -76,3 +76,10 @@ def test_report_gives_each_run_and_the_seed_mean():
     text = probe.report({"wg": runs})
     assert "| wg | 1 | 0.7000 | 0.6000 | 0.5500 | -0.1000 |" in text
     assert "| wg | mean | 0.7500 | 0.7000 | 0.6250 | -0.0500 |" in text
+
+
+@pytest.mark.parametrize("spec", ["wg", "wg=", "=x.ckpt"])
+def test_cli_refuses_a_checkpoint_list_without_a_name_or_a_path(spec, capsys):
+    with pytest.raises(SystemExit):
+        probe.main(["--checkpoints", spec])
+    assert "NAME=CKPT" in capsys.readouterr().err
