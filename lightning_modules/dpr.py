@@ -29,6 +29,7 @@ from torch_geometric.utils import scatter
 
 from datamodules.knowledge import CohortKnowledge
 from lightning_modules.base import KNOWLEDGE_KEY
+from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
 from lightning_modules.ncf import NCFCore, PatientEncoder, pretrain_ncf
 from lightning_modules.package_generation import (
     GenerationRules,
@@ -71,6 +72,10 @@ class DPR(PackageRecModule):
         score_head: ``mlp`` = the paper's y = MLP([u ‖ g]); ``mlp_dot`` adds a bilinear term,
             y = MLP([u ‖ g]) + (P u)ᵀ g, as NeuMF adds its GMF part to the MLP: a one-hidden-layer
             MLP on a concatenation models the patient–package product poorly.
+        message_passing: ``edge_gru`` = the paper's layers (Eq. 11–13 / 18–20): a GRU cell on every
+            edge, summed at the target, then h_u ← MLP(W₀ h_u + M_u) (``lightning_modules.edge_gru``);
+            ``gated`` = a gated graph network, messages summed first and the GRU run once per node
+            (medrec's layers before stop 18: what reports and checkpoints from then used).
         generation: ``candidates`` = choose among S1 (the paper's evaluation); ``heuristic`` =
             predict with the package-generation heuristic of §6 (S1 ∪ S2 ∪ S3; records both
             choices and their F1).
@@ -93,6 +98,7 @@ class DPR(PackageRecModule):
         similar_negatives: int = 0,
         finetune_pretrained: bool = True,
         score_head: Literal["mlp", "mlp_dot"] = "mlp",
+        message_passing: Literal["edge_gru", "gated"] = "edge_gru",
         generation: Literal["candidates", "heuristic"] = "candidates",
         heuristic_high: float = 1.0,
         heuristic_low: float = 2.0,
@@ -107,6 +113,8 @@ class DPR(PackageRecModule):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if score_head not in ("mlp", "mlp_dot"):
             raise ValueError(f"score_head must be 'mlp' or 'mlp_dot', got {score_head!r}")
+        if message_passing not in ("edge_gru", "gated"):
+            raise ValueError(f"message_passing must be 'edge_gru' or 'gated', got {message_passing!r}")
         k = self.knowledge
         self.ncf = NCFCore(
             k.document_size, k.note_size, k.num_medications, embedding_dim, hidden_dim, text_dim, dropout
@@ -349,9 +357,10 @@ class DPRWG(DPR):
 
     Edge weight e_vu = 1 for synergism, -1 for antagonism, p_vu otherwise; node states start
     from the masked drug embeddings d̂_v = σ(MLP(u)) ⊙ d_v; the contextual impact factor
-    c_vu = tanh(aᵀ MLP([d̂_u ‖ d̂_v])) rescales every edge, ê_vu = c_vu · e_vu; a GRU-gated GNN
-    (GatedGraphConv: m_u = Σ_v ê_vu W h_v, h_u ← GRU(m_u, h_u), Eq. 11–13, the sum taken as a
-    sparse product: ``SparseGatedGraphConv``) propagates them.
+    c_vu = tanh(aᵀ MLP([d̂_u ‖ d̂_v])) rescales every edge, ê_vu = c_vu · e_vu; ``num_layers``
+    layers of Eq. 11–13 propagate them: M_u = Σ_v GRU(ê_vu W₁ h_v, h_u), h_u ← MLP(W₀ h_u + M_u)
+    (``EdgeGRUConv``; with ``message_passing: gated``, GatedGraphConv's m_u = Σ_v ê_vu W h_v,
+    h_u ← GRU(m_u, h_u), the sum taken as a sparse product: ``SparseGatedGraphConv``).
 
     Args:
         edge_weights: ``typed`` (the paper), ``cooccurrence`` (p_vu only, the WG-Type ablation),
@@ -372,7 +381,10 @@ class DPRWG(DPR):
         self.mask = nn.Linear(self.encoder.out_dim, dim)
         self.context = PairLinear(dim, dim)  # first layer of MLP([d̂_u ‖ d̂_v])
         self.context_out = nn.Linear(dim, 1, bias=False)  # a
-        self.gnn = SparseGatedGraphConv(dim, hp.num_layers, aggr="add")
+        if hp.message_passing == "edge_gru":
+            self.gnn = EdgeGRUNetwork(dim, hp.num_layers)
+        else:
+            self.gnn = SparseGatedGraphConv(dim, hp.num_layers, aggr="add")
 
     def node_inputs(self, u: torch.Tensor, graphs: Batch) -> torch.Tensor:
         d = self.drugs(graphs.x)
@@ -425,7 +437,7 @@ class PairLinear(nn.Module):
 
 
 class AttributedGraphConv(MessagePassing):
-    """DPR-AG's layer (Eq. 18–20): m_vu = MLP([h_v ‖ ê_vu]), a_u = Σ_v m_vu, h_u ← GRU(a_u, h_u).
+    """DPR-AG's layer with ``message_passing: gated``: m_vu = MLP([h_v ‖ ê_vu]), a_u = Σ_v m_vu, h_u ← GRU(a_u, h_u).
 
     The message MLP's linear part on [h_v ‖ ê_vu] is split into a node part (computed once per
     node) and an edge part, the same function as one linear layer on the concatenation.
@@ -449,9 +461,10 @@ class DPRAG(DPR):
     """DPR on the attributed graph (§4.3.2).
 
     Edge attributes e_vu = MLP([d_v ‖ d_u]) masked by the patient, ê_vu = σ(MLP(u)) ⊙ e_vu;
-    ``num_layers`` AttributedGraphConv layers; loss = BPR + type_weight · cross-entropy of
-    softmax(ê_vuᵀ Q) against R_vu on the edges whose relation is known (none / synergy /
-    antagonism; unknown-kind edges carry no label) (Eq. 21).
+    ``num_layers`` layers of Eq. 18–20, M_u = Σ_v GRU(MLP([h_v ‖ ê_vu]), h_u), h_u ← MLP(W₀ h_u + M_u)
+    (``AttributedEdgeGRUConv``; ``AttributedGraphConv`` with ``message_passing: gated``);
+    loss = BPR + type_weight · cross-entropy of softmax(ê_vuᵀ Q) against R_vu on the edges whose
+    relation is known (none / synergy / antagonism; unknown-kind edges carry no label) (Eq. 21).
 
     Args:
         edge_dim: size of the edge attributes.
@@ -465,7 +478,8 @@ class DPRAG(DPR):
         self.edge_in = PairLinear(dim, edge_dim)  # first layer of MLP([d_v ‖ d_u])
         self.edge_out = nn.Sequential(nn.ReLU(), nn.Linear(edge_dim, edge_dim))
         self.mask = nn.Linear(self.encoder.out_dim, edge_dim)
-        self.layers = nn.ModuleList(AttributedGraphConv(dim, edge_dim) for _ in range(hp.num_layers))
+        layer = AttributedEdgeGRUConv if hp.message_passing == "edge_gru" else AttributedGraphConv
+        self.layers = nn.ModuleList(layer(dim, edge_dim) for _ in range(hp.num_layers))
         self.types = nn.Linear(edge_dim, len(INTERACTION_CLASSES), bias=False)  # Q
 
     def edge_attributes(self, u: torch.Tensor, graphs: Batch, d: torch.Tensor) -> torch.Tensor:

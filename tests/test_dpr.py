@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from datamodules.package_graph import PackageGraphDataModule, pad_packages
-from lightning_modules.dpr import DPRAG, DPRWG, set_f1
+from lightning_modules.dpr import DPRAG, DPRWG, AttributedGraphConv, set_f1
+from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
 from lightning_modules.ncf import NCF, bpr_drug_loss, pretrain_ncf
 from lightning_modules.package_generation import (
     GenerationRules,
@@ -20,6 +21,7 @@ from lightning_modules.package_generation import (
     to_multi_hot,
 )
 from lightning_modules.package_rec import bpr_package_loss, package_probabilities
+from lightning_modules.sparse_aggregation import SparseGatedGraphConv
 
 SMALL = {"embedding_dim": 16, "hidden_dim": 16, "dropout": 0.0, "pretrain_epochs": 1}
 
@@ -87,10 +89,11 @@ def test_package_probabilities_recommend_exactly_the_chosen_package():
 
 
 # --- models -------------------------------------------------------------------------------
+@pytest.mark.parametrize("message_passing", ["edge_gru", "gated"])
 @pytest.mark.parametrize("cls", [DPRWG, DPRAG])
-def test_batched_scores_equal_scores_of_each_graph_alone(cls, data, train_batch):
+def test_batched_scores_equal_scores_of_each_graph_alone(cls, message_passing, data, train_batch):
     torch.manual_seed(0)
-    model = cls(knowledge=data.knowledge, **SMALL).eval()
+    model = cls(knowledge=data.knowledge, message_passing=message_passing, **SMALL).eval()
     graphs = train_batch["graphs"]
     u = model.encoder(train_batch)
     together = model.package_scores(u, graphs)[0]
@@ -101,6 +104,21 @@ def test_batched_scores_equal_scores_of_each_graph_alone(cls, data, train_batch)
         single.owner = graphs.owner[i : i + 1]
         alone.append(model.package_scores(u, single)[0])
     torch.testing.assert_close(together[:12], torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cls", "paper", "gated"),
+    [(DPRWG, EdgeGRUNetwork, SparseGatedGraphConv), (DPRAG, AttributedEdgeGRUConv, AttributedGraphConv)],
+)
+def test_message_passing_selects_the_papers_per_edge_gru_layers_by_default(cls, paper, gated, data):
+    def layer_types(model):
+        return {type(m) for m in model.modules()}
+
+    assert paper in layer_types(cls(knowledge=data.knowledge, **SMALL))
+    assert gated not in layer_types(cls(knowledge=data.knowledge, **SMALL))
+    assert gated in layer_types(cls(knowledge=data.knowledge, message_passing="gated", **SMALL))
+    with pytest.raises(ValueError, match="message_passing must be 'edge_gru' or 'gated'"):
+        cls(knowledge=data.knowledge, message_passing="gcn", **SMALL)
 
 
 def test_dot_score_head_adds_the_patient_package_product(data, train_batch):
