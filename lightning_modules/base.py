@@ -58,6 +58,8 @@ class MedRecModule(L.LightningModule):
             (10 rounds of 80 % of test patients drawn with replacement); 0 rounds = full test set.
     """
 
+    KNOWLEDGE_CLASS = CohortKnowledge  # what from_checkpoint rebuilds from the checkpoint
+
     def __init__(
         self,
         knowledge: CohortKnowledge | None = None,
@@ -189,10 +191,11 @@ class MedRecModule(L.LightningModule):
             restore_rng_states(checkpoint[RNG_KEY])
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> MedRecModule:
-        """Load a trained model without its DataModule (the knowledge travels in the checkpoint)."""
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", **hparams) -> MedRecModule:
+        """Load a trained model without its DataModule (the knowledge travels in the checkpoint);
+        ``hparams`` override the saved hyperparameters."""
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
         if KNOWLEDGE_KEY not in checkpoint:
             raise CohortError(f"{path}: not a medrec checkpoint (no {KNOWLEDGE_KEY})")
-        knowledge = CohortKnowledge.from_state(checkpoint[KNOWLEDGE_KEY])
-        return cls.load_from_checkpoint(path, map_location=map_location, knowledge=knowledge)
+        knowledge = cls.KNOWLEDGE_CLASS.from_state(checkpoint[KNOWLEDGE_KEY])
+        return cls.load_from_checkpoint(path, map_location=map_location, knowledge=knowledge, **hparams)

@@ -190,6 +190,17 @@ class DPR(PackageRecModule):
             raise ValueError(f"{path}: not an NCF checkpoint (no core.* weights)")
         self.ncf.load_state_dict(state)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # checkpoints from before the option had the gated layers only
+        saved = checkpoint.get("hyper_parameters", {}).get("message_passing", "gated")
+        if saved != self.hparams.message_passing:
+            raise ValueError(
+                f"the checkpoint was trained with message_passing={saved!r}, this model has "
+                f"{self.hparams.message_passing!r}: build it with --model.init_args.message_passing={saved} "
+                f"(or from_checkpoint(path, message_passing={saved!r}))"
+            )
+
     def initialise_from_ncf(self) -> None:
         self.encoder.load_state_dict(self.ncf.encoder.state_dict())
         with torch.no_grad():

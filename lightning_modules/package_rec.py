@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from datamodules.cohort import CohortError
 from datamodules.package_graph import PackageGraphBuilder, PackageKnowledge, nearest_candidates
-from lightning_modules.base import KNOWLEDGE_KEY, MedRecModule
+from lightning_modules.base import MedRecModule
 
 POOL_CHUNK = 4096
 DESCRIPTION_KEYS = ("document", "document_mask", "notes", "notes_mask", "notes_lengths")
@@ -62,6 +62,8 @@ class PackageRecModule(MedRecModule):
         bootstrap_rounds, bootstrap_fraction, bootstrap_seed: the shared test protocol.
     """
 
+    KNOWLEDGE_CLASS = PackageKnowledge
+
     def __init__(
         self,
         knowledge: PackageKnowledge | None = None,
@@ -79,6 +81,10 @@ class PackageRecModule(MedRecModule):
             bootstrap_fraction=bootstrap_fraction,
             bootstrap_seed=bootstrap_seed,
         )
+        # collected from MedRecModule's frame, but no package recommender takes them: a checkpoint
+        # carrying them would not load (from_checkpoint) in a model built in Python
+        for fixed in ("threshold", "margin_weight"):
+            self.hparams.pop(fixed, None)
         if not isinstance(knowledge, PackageKnowledge):
             raise CohortError(
                 f"{type(self).__name__} needs the knowledge of datamodules.PackageGraphDataModule "
@@ -168,13 +174,6 @@ class PackageRecModule(MedRecModule):
         return ids, similarity, packages
 
     # --- checkpoints ---------------------------------------------------------------------
-    @classmethod
-    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> PackageRecModule:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-        if KNOWLEDGE_KEY not in checkpoint:
-            raise CohortError(f"{path}: not a medrec checkpoint (no {KNOWLEDGE_KEY})")
-        knowledge = PackageKnowledge.from_state(checkpoint[KNOWLEDGE_KEY])
-        return cls.load_from_checkpoint(path, map_location=map_location, knowledge=knowledge)
 
 
 def bpr_package_loss(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
