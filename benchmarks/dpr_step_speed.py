@@ -14,6 +14,7 @@ out: a step costs the same whatever the weights. Synthetic default cohort unless
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -66,8 +67,9 @@ def measure(
         data = PackageGraphDataModule(**data_args)
         data.setup("fit")
         torch.manual_seed(0)
-        loader = iter(data.train_dataloader())
-        taken = [next(loader) for _ in range(batches + 1)]
+        taken = list(itertools.islice(data.train_dataloader(), batches + 1))
+        if len(taken) < batches + 1:
+            raise SystemExit(f"{name}: the training split has {len(taken)} batches, fewer than --batches + 1")
         graphs = [b["graphs"] for b in taken[1:]]
         for mode in MODES:
             torch.manual_seed(0)

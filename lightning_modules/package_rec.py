@@ -173,8 +173,6 @@ class PackageRecModule(MedRecModule):
         packages = pool["packages"][ids.clamp(min=0)].masked_fill((ids < 0).unsqueeze(-1), -1)
         return ids, similarity, packages
 
-    # --- checkpoints ---------------------------------------------------------------------
-
 
 def bpr_package_loss(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """BPR (DPR Eq. 15): mean of -ln σ(y⁺ - y⁻) = softplus(y⁻ - y⁺); (N,), (N, r) -> scalar.

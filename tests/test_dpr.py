@@ -212,7 +212,7 @@ def test_pretraining_state_travels_with_the_checkpoint(data):
     model.on_fit_start()  # resumed: no trainer needed, nothing re-trained
 
 
-def test_a_checkpoint_from_before_the_message_passing_option_loads_as_gated(data, train_batch, tmp_path):
+def test_a_checkpoint_from_before_the_message_passing_option_names_gated_and_loads_with_it(data, train_batch, tmp_path):
     torch.manual_seed(0)
     model = DPRWG(knowledge=data.knowledge, message_passing="gated", **SMALL)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
@@ -224,6 +224,7 @@ def test_a_checkpoint_from_before_the_message_passing_option_loads_as_gated(data
     model.eval()
     with pytest.raises(ValueError, match="trained with message_passing='gated'.*message_passing=gated"):
         DPRWG.from_checkpoint(str(tmp_path / "old.ckpt"))
+    assert DPRWG.from_checkpoint(str(tmp_path / "new.ckpt")).hparams.message_passing == "gated"  # saved: no override
     loaded = DPRWG.from_checkpoint(str(tmp_path / "old.ckpt"), message_passing="gated").eval()
     u = model.encoder(train_batch)
     torch.testing.assert_close(

@@ -36,3 +36,8 @@ def test_refuses_a_config_that_is_not_dpr_and_a_malformed_override():
         speed.config_parts("ncf")
     with pytest.raises(SystemExit, match="is not init_arg=value"):
         speed.parse_overrides(["embedding_dim"])
+
+
+def test_refuses_more_batches_than_the_training_split_has(tiny_cohort_dir):
+    with pytest.raises(SystemExit, match="dpr_wg: the training split has .* batches, fewer than --batches"):
+        speed.main(["--data", str(tiny_cohort_dir), "--configs", "dpr_wg", "--batches", "10000"])
