@@ -14,6 +14,7 @@ out: a step costs the same whatever the weights. Synthetic default cohort unless
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import sys
@@ -27,19 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datamodules.package_graph import PackageGraphDataModule  # noqa: E402
-from lightning_modules.dpr import DPRAG, DPRWG  # noqa: E402
+from lightning_modules.dpr import DPR  # noqa: E402
 
 MODES = ("edge_gru", "gated")
-CLASSES = {"lightning_modules.DPRWG": DPRWG, "lightning_modules.DPRAG": DPRAG}
 
 
 def config_parts(name: str) -> tuple[type, dict, dict]:
     """(model class, model init_args, data init_args) of ``configs/<name>.yaml``."""
     config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
     model = config["model"]
-    if model["class_path"] not in CLASSES:
+    module, _, cls_name = model["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if not issubclass(cls, DPR):
         raise ValueError(f"{name}: not a DPR config (model {model['class_path']})")
-    return CLASSES[model["class_path"]], dict(model["init_args"]), dict(config["data"]["init_args"])
+    return cls, dict(model["init_args"]), dict(config["data"]["init_args"])
 
 
 def step_seconds(model, batches: list[dict]) -> float:

@@ -75,7 +75,8 @@ class DPR(PackageRecModule):
         message_passing: ``edge_gru`` = the paper's layers (Eq. 11–13 / 18–20): a GRU cell on every
             edge, summed at the target, then h_u ← MLP(W₀ h_u + M_u) (``lightning_modules.edge_gru``);
             ``gated`` = a gated graph network, messages summed first and the GRU run once per node
-            (medrec's layers before stop 18: what reports and checkpoints from then used).
+            (medrec's layers before stop 18, which reports from then used; ``from_checkpoint`` loads a
+            checkpoint without the setting as ``gated``).
         generation: ``candidates`` = choose among S1 (the paper's evaluation); ``heuristic`` =
             predict with the package-generation heuristic of §6 (S1 ∪ S2 ∪ S3; records both
             choices and their F1).
@@ -190,10 +191,15 @@ class DPR(PackageRecModule):
             raise ValueError(f"{path}: not an NCF checkpoint (no core.* weights)")
         self.ncf.load_state_dict(state)
 
+    @classmethod
+    def settings_of_older_checkpoints(cls, saved: dict) -> dict:
+        # medrec had the gated layers only before the option existed
+        return {} if "message_passing" in saved else {"message_passing": "gated"}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        # checkpoints from before the option had the gated layers only
-        saved = checkpoint.get("hyper_parameters", {}).get("message_passing", "gated")
+        written = checkpoint.get("hyper_parameters", {})
+        saved = {**self.settings_of_older_checkpoints(written), **written}["message_passing"]
         if saved != self.hparams.message_passing:
             raise ValueError(
                 f"the checkpoint was trained with message_passing={saved!r}, this model has "
