@@ -107,15 +107,21 @@ def test_batched_scores_equal_scores_of_each_graph_alone(cls, message_passing, d
 
 
 @pytest.mark.parametrize(
-    ("cls", "paper", "gated"),
-    [(DPRWG, EdgeGRUNetwork, SparseGatedGraphConv), (DPRAG, AttributedEdgeGRUConv, AttributedGraphConv)],
+    ("cls", "default", "per_edge", "gated"),
+    [
+        (DPRWG, "edge_gru", EdgeGRUNetwork, SparseGatedGraphConv),
+        (DPRAG, "gated", AttributedEdgeGRUConv, AttributedGraphConv),
+    ],
 )
-def test_message_passing_selects_the_papers_per_edge_gru_layers_by_default(cls, paper, gated, data):
+def test_message_passing_selects_the_layers_wg_per_edge_and_ag_gated_by_default(cls, default, per_edge, gated, data):
     def layer_types(model):
         return {type(m) for m in model.modules()}
 
-    assert paper in layer_types(cls(knowledge=data.knowledge, **SMALL))
-    assert gated not in layer_types(cls(knowledge=data.knowledge, **SMALL))
+    model = cls(knowledge=data.knowledge, **SMALL)
+    assert model.hparams.message_passing == default
+    assert (per_edge if default == "edge_gru" else gated) in layer_types(model)
+    assert gated not in layer_types(cls(knowledge=data.knowledge, message_passing="edge_gru", **SMALL))
+    assert per_edge in layer_types(cls(knowledge=data.knowledge, message_passing="edge_gru", **SMALL))
     assert gated in layer_types(cls(knowledge=data.knowledge, message_passing="gated", **SMALL))
     with pytest.raises(ValueError, match="message_passing must be 'edge_gru' or 'gated'"):
         cls(knowledge=data.knowledge, message_passing="gcn", **SMALL)
