@@ -111,7 +111,7 @@ class _SummedEdgeGRU(torch.autograd.Function):
                 g_bias += d_input.sum(0)
             if g_edge is not None:
                 g_edge[part] = d_input
-            if node_gates is not None and (g_node is not None or g_scale is not None):
+            if node_gates is not None:
                 sources = src[part]
                 if g_scale is not None:
                     g_scale[part] = (d_input * node_gates.index_select(0, sources)).sum(1)
@@ -133,11 +133,14 @@ def summed_edge_gru(
     """M_u = Σ_{v→u} GRUCell(x_vu, h_u), (nodes, dim).
 
     The cell's input projection of each edge is W_i x_vu + b_i = edge_scale_vu · node_gates_v
-    + edge_gates_vu + ``bias`` (either part may be absent); ``hidden_gates`` = W_h h + b_h per
-    node. Equal to ``gru_cell_output`` per edge followed by a scatter-sum, within rounding.
+    + edge_gates_vu + ``bias`` (either part may be absent; edge_scale only with node_gates);
+    ``hidden_gates`` = W_h h + b_h per node. Equal to ``gru_cell_output`` per edge followed by a
+    scatter-sum, within rounding.
     """
     if node_gates is None and edge_gates is None:
         raise ValueError("summed_edge_gru needs node_gates, edge_gates or both")
+    if edge_scale is not None and node_gates is None:
+        raise ValueError("summed_edge_gru: edge_scale scales node_gates, which are missing")
     given = [t for t in (node_gates, edge_scale, edge_gates, bias, hidden_gates, h) if t is not None]
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in given))  # mixed precision: one dtype
 

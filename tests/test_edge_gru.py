@@ -154,3 +154,9 @@ def test_summed_edge_gru_needs_an_input_part():
     edge_index, inputs = random_inputs(4, 5, 3, ())
     with pytest.raises(ValueError, match="needs node_gates, edge_gates or both"):
         summed_edge_gru(edge_index=edge_index, **inputs)
+
+
+def test_summed_edge_gru_refuses_an_edge_scale_without_node_gates():
+    edge_index, inputs = random_inputs(4, 5, 3, ("edge_scale", "edge_gates"))
+    with pytest.raises(ValueError, match="edge_scale scales node_gates, which are missing"):
+        summed_edge_gru(edge_index=edge_index, **inputs)
