@@ -48,6 +48,33 @@ def tiny_datamodule(tiny_cohort_dir):
     return VisitSequenceDataModule(root=str(tiny_cohort_dir), batch_size=16)
 
 
+@pytest.fixture(scope="module")
+def single_intra_op_thread():
+    """Package-graph batches are many tiny ops: one intra-op thread is faster than two, and
+    immune to the oversubscription of a shared 2-core machine (where two were 40x slower).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("single_intra_op_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def handmade_datamodule(folder, n_patients=12, batch_size=4):
+    """The set-up VisitSequenceDataModule of a ``write_cohort`` cohort written to ``folder``."""
+    from datamodules.visit_sequence import VisitSequenceDataModule
+
+    dm = VisitSequenceDataModule(root=str(write_cohort(folder, n_patients=n_patients)), batch_size=batch_size)
+    dm.setup("fit")
+    return dm
+
+
+def first_batch(dm, split="train"):
+    """The first unshuffled batch of a split."""
+    return next(iter(dm._loader(split, shuffle=False)))
+
+
 def write_cohort(folder, n_patients=9, visits_per_patient=(1, 2, 3), empty_meds=False):
     """A handmade cohort whose every value a test can compute by hand."""
     from datamodules.cohort import Cohort

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import fit_and_test, write_cohort
+from conftest import first_batch, fit_and_test, handmade_datamodule
 
 from callbacks import DDIAnnealing
 from datamodules.cohort import Cohort
@@ -21,13 +21,7 @@ from lightning_modules.gamenet import normalized_adjacency
 
 @pytest.fixture()
 def data(tmp_path):
-    dm = VisitSequenceDataModule(root=str(write_cohort(tmp_path / "c", n_patients=12)), batch_size=4)
-    dm.setup("fit")
-    return dm
-
-
-def first_batch(dm, split="train"):
-    return next(iter(dm._loader(split, shuffle=False)))
+    return handmade_datamodule(tmp_path / "c")
 
 
 def small_model(knowledge, **kwargs):

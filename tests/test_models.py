@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import write_cohort
+from conftest import first_batch, handmade_datamodule, write_cohort
 
 from datamodules.cohort import CohortError
 from datamodules.visit_sequence import VisitSequenceDataModule
@@ -15,13 +15,7 @@ from lightning_modules.visit_ops import margin_targets, multi_hot, previous_visi
 
 @pytest.fixture()
 def data(tmp_path):
-    dm = VisitSequenceDataModule(root=str(write_cohort(tmp_path / "c", n_patients=12)), batch_size=4)
-    dm.setup("fit")
-    return dm
-
-
-def first_batch(dm, split="train"):
-    return next(iter(dm._loader(split, shuffle=False)))
+    return handmade_datamodule(tmp_path / "c")
 
 
 def test_visit_ops():

@@ -23,14 +23,7 @@ from datamodules.package_graph import (
 SYN, ANT, UNK = 1, 2, -1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Package-graph batches are many tiny ops: one intra-op thread is faster than two, and
-    immune to the oversubscription of a shared 2-core machine (where two were 40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
 
 def hand_made_graph_inputs():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import fit_and_test, write_cohort
+from conftest import first_batch, fit_and_test, write_cohort
 
 from callbacks import PIDDDIController
 from datamodules.cohort import CohortError
@@ -18,10 +18,6 @@ from lightning_modules.safedrug import predicted_ddi_counts
 def data(tiny_datamodule):
     tiny_datamodule.setup("fit")
     return tiny_datamodule
-
-
-def first_batch(dm, split="train"):
-    return next(iter(dm._loader(split, shuffle=False)))
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
