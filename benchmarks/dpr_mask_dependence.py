@@ -12,8 +12,8 @@ this probe takes a trained model and, on its test visits, swaps the mask out at 
 * ``shuffled``: every visit gets the mask of another visit of its batch.
 
 A model whose choice depends on who the patient is through the mask loses F1 under ``mean``;
-one that gives the mask another job (DPR-AG's interaction-type loss reads the masked edge
-attributes) or none keeps it. F1 is the shared protocol's: per visit, averaged over each
+one that gives the mask another job (DPR-AG with ``mask_layer: edge``, whose interaction-type loss
+reads the masked edge attributes) or none keeps it. F1 is the shared protocol's: per visit, averaged over each
 patient's visits, then over patients. Several comma-separated checkpoints under one name are
 training seeds: the table gives each and their mean. Writes ``<out>/mask_dependence.md`` and
 ``mask_dependence.json`` when ``--out`` is given.

@@ -83,10 +83,12 @@ def test_package_probabilities_recommend_exactly_the_chosen_package():
 
 # --- models -------------------------------------------------------------------------------
 @pytest.mark.parametrize("message_passing", ["edge_gru", "gated"])
-@pytest.mark.parametrize("cls", [DPRWG, DPRAG])
-def test_batched_scores_equal_scores_of_each_graph_alone(cls, message_passing, data, train_batch):
+@pytest.mark.parametrize(
+    ("cls", "options"), [(DPRWG, {}), (DPRAG, {}), (DPRAG, {"mask_layer": "drug"})], ids=["wg", "ag", "ag_drug_mask"]
+)
+def test_batched_scores_equal_scores_of_each_graph_alone(cls, options, message_passing, data, train_batch):
     torch.manual_seed(0)
-    model = cls(knowledge=data.knowledge, message_passing=message_passing, **SMALL).eval()
+    model = cls(knowledge=data.knowledge, message_passing=message_passing, **options, **SMALL).eval()
     graphs = train_batch["graphs"]
     u = model.encoder(train_batch)
     together = model.package_scores(u, graphs)[0]
@@ -118,6 +120,77 @@ def test_message_passing_selects_the_layers_wg_per_edge_and_ag_gated_by_default(
     assert gated in layer_types(cls(knowledge=data.knowledge, message_passing="gated", **SMALL))
     with pytest.raises(ValueError, match="message_passing must be 'edge_gru' or 'gated'"):
         cls(knowledge=data.knowledge, message_passing="gcn", **SMALL)
+
+
+def test_ag_mask_layer_masks_the_edge_attributes_or_the_drug_embeddings(data, train_batch):
+    graphs = train_batch["graphs"]
+    src, dst = graphs.edge_index
+    owner_of_node, owner_of_edge = graphs.owner[graphs.batch], graphs.owner[graphs.batch[src]]
+    torch.manual_seed(0)
+    torch.manual_seed(0)
+    edge = DPRAG(knowledge=data.knowledge, **SMALL).eval()
+    assert edge.hparams.mask_layer == "edge"  # the default
+    assert edge.mask.out_features == edge.hparams.edge_dim
+    u = edge.encoder(train_batch)
+    d = edge.drugs(graphs.x)
+    torch.testing.assert_close(edge.node_inputs(u, graphs), d)
+    unmasked = edge.edge_out(edge.edge_in(d, src, dst))
+    torch.testing.assert_close(
+        edge.edge_attributes(u, graphs, d), torch.sigmoid(edge.mask(u))[owner_of_edge] * unmasked
+    )
+
+    torch.manual_seed(0)
+    drug = DPRAG(knowledge=data.knowledge, mask_layer="drug", **SMALL).eval()
+    assert drug.mask.out_features == SMALL["embedding_dim"]
+    u = drug.encoder(train_batch)
+    masked = torch.sigmoid(drug.mask(u))[owner_of_node] * drug.drugs(graphs.x)
+    torch.testing.assert_close(drug.node_inputs(u, graphs), masked)  # DPR-WG's d̂_v
+    # the attributes are built from d̂ and not masked again
+    torch.testing.assert_close(drug.edge_attributes(u, graphs, masked), drug.edge_out(drug.edge_in(masked, src, dst)))
+    h0, h, _ = drug.graph_nodes(u, graphs)
+    torch.testing.assert_close(h0, masked)
+    # with the mask layer off (the AG-Mask ablation) both forms are the same network
+    torch.manual_seed(0)
+    plain_drug = DPRAG(knowledge=data.knowledge, mask_layer="drug", use_mask=False, **SMALL).eval()
+    torch.manual_seed(0)
+    plain_edge = DPRAG(knowledge=data.knowledge, mask_layer="edge", use_mask=False, **SMALL).eval()
+    unused_mask = {"mask.weight", "mask.bias"}
+    plain_edge.load_state_dict({k: v for k, v in plain_drug.state_dict().items() if k not in unused_mask}, strict=False)
+    u = plain_drug.encoder(train_batch)
+    torch.testing.assert_close(plain_drug.package_scores(u, graphs)[0], plain_edge.package_scores(u, graphs)[0])
+    with pytest.raises(ValueError, match="mask_layer must be 'edge' or 'drug'"):
+        DPRAG(knowledge=data.knowledge, mask_layer="node", **SMALL)
+
+
+def test_a_checkpoint_loads_only_into_its_own_mask_layer(data, train_batch, tmp_path):
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    drug = DPRAG(knowledge=data.knowledge, mask_layer="drug", **SMALL)
+    trainer.fit(drug, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "drug.ckpt")
+    assert DPRAG.from_checkpoint(str(tmp_path / "drug.ckpt")).hparams.mask_layer == "drug"
+    # a model a config built with the other mask (train.py ... --ckpt_path) is told which setting loads it
+    with pytest.raises(ValueError, match="trained with mask_layer='drug'.*--model.init_args.mask_layer=drug"):
+        DPRAG(knowledge=data.knowledge, **SMALL).on_load_checkpoint(
+            torch.load(tmp_path / "drug.ckpt", weights_only=False)
+        )
+    # checkpoints written before the option masked the edge attributes, and load so
+    torch.manual_seed(0)
+    model = DPRAG(knowledge=data.knowledge, **SMALL)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "edge.ckpt")
+    checkpoint = torch.load(tmp_path / "edge.ckpt", weights_only=False)
+    del checkpoint["hyper_parameters"]["mask_layer"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="trained with mask_layer='edge'"):
+        DPRAG(knowledge=data.knowledge, mask_layer="drug", **SMALL).on_load_checkpoint(checkpoint)
+    loaded = DPRAG.from_checkpoint(str(tmp_path / "old.ckpt")).eval()
+    assert loaded.hparams.mask_layer == "edge"
+    model.eval()
+    u = model.encoder(train_batch)
+    torch.testing.assert_close(
+        loaded.package_scores(u, train_batch["graphs"])[0], model.package_scores(u, train_batch["graphs"])[0]
+    )
 
 
 def test_dot_score_head_adds_the_patient_package_product(data, train_batch):
