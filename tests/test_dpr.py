@@ -127,7 +127,6 @@ def test_ag_mask_layer_masks_the_edge_attributes_or_the_drug_embeddings(data, tr
     src, dst = graphs.edge_index
     owner_of_node, owner_of_edge = graphs.owner[graphs.batch], graphs.owner[graphs.batch[src]]
     torch.manual_seed(0)
-    torch.manual_seed(0)
     edge = DPRAG(knowledge=data.knowledge, **SMALL).eval()
     assert edge.hparams.mask_layer == "edge"  # the default
     assert edge.mask.out_features == edge.hparams.edge_dim
