@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN = ["dpr_wg", "dpr_ag", "ncf", "dpr_nn", "dpr_gnn"]
+MAIN = ["dpr_wg", "dpr_ag", "dpr_ag_drug_mask", "ncf", "dpr_nn", "dpr_gnn"]
 ABLATIONS = ["dpr_wg_no_context", "dpr_wg_no_type", "dpr_ag_no_mask", "dpr_ag_no_type"]
 VARIANTS = {
     "dpr_wg_layers1": ("dpr_wg", ["--model.init_args.num_layers=1"]),
@@ -33,6 +33,7 @@ VARIANTS = {
 LABELS = {
     "dpr_wg": "DPR-WG",
     "dpr_ag": "DPR-AG",
+    "dpr_ag_drug_mask": "DPR-AG, mask on the drug embeddings",
     "ncf": "NCF (top-K drugs)",
     "dpr_nn": "NN (nearest patient's package)",
     "dpr_gnn": "GNN (structure only)",
