@@ -56,8 +56,7 @@ def drug_name(knowledge, index: int) -> str:
     return f"{code} {names[index]}" if names else code
 
 
-def impact_report(model, data) -> str:
-    edges, _, visits = collect(model, data)
+def impact_report(model, data, edges: dict[str, np.ndarray], visits: list[dict]) -> str:
     k = model.knowledge
     lines = [
         "DPR-WG contextual impact factors on the test patients' own packages (Table 7)\n",
@@ -94,8 +93,7 @@ def impact_report(model, data) -> str:
     return "\n".join(lines) + "\n"
 
 
-def class_report(model, data) -> str:
-    edges, _, visits = collect(model, data)
+def class_report(model, data, edges: dict[str, np.ndarray], visits: list[dict]) -> str:
     k = model.knowledge
     probs, relation = edges["class_probabilities"], edges["relation"]
     lines = [
@@ -134,13 +132,12 @@ def class_report(model, data) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mask_plot(model, data, path: Path) -> None:
+def mask_plot(data, masks: np.ndarray, visits: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _, masks, visits = collect(model, data)
     centred = torch.as_tensor(masks - masks.mean(0))
     _, s, v = torch.linalg.svd(centred, full_matrices=False)
     xy = (centred @ v[:2].T).numpy()
@@ -178,11 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     wg, data = load(opts.wg, opts.data)
-    (out / "impact_factors.md").write_text(impact_report(wg, data))
-    mask_plot(wg, data, out / "mask_projection.png")
+    edges, masks, visits = collect(wg, data)
+    (out / "impact_factors.md").write_text(impact_report(wg, data, edges, visits))
+    mask_plot(data, masks, visits, out / "mask_projection.png")
     if opts.ag:
         ag, data = load(opts.ag, opts.data)
-        (out / "interaction_classes.md").write_text(class_report(ag, data))
+        edges, _, visits = collect(ag, data)
+        (out / "interaction_classes.md").write_text(class_report(ag, data, edges, visits))
     for name in ("impact_factors.md", "interaction_classes.md"):
         if (out / name).exists():
             print((out / name).read_text())

@@ -103,18 +103,19 @@ def write_cohort(folder, n_patients=9, visits_per_patient=(1, 2, 3), empty_meds=
     return cohort.save(folder)
 
 
+def quiet_trainer(**options):
+    """A Trainer without logger, checkpoints, progress bar or model summary; ``options`` add or override."""
+    import lightning as L
+
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**{**quiet, **options})
+
+
 def fit_and_test(model, datamodule, epochs: int, callbacks=()) -> dict:
-    """Seeded quiet fit (no logger, checkpoints or bars), then the test figures of the last weights."""
+    """Seeded quiet fit, then the test figures of the last weights."""
     import lightning as L
 
     L.seed_everything(0)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=list(callbacks))
     trainer.fit(model, datamodule=datamodule)
     return trainer.test(model, datamodule=datamodule, verbose=False)[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from datamodules.package_graph import PackageGraphDataModule
 from datamodules.visit_sequence import VisitSequenceDataModule
@@ -45,16 +46,12 @@ class NoisyPretrainDPR(DPRWG):
 def fit_on_two_processes(model, data, tmp_path, **trainer_kwargs) -> tuple[float, L.LightningModule]:
     """Fits on 2 processes; (largest state difference between the ranks, the fitted model)."""
     path = tmp_path / "agreement.json"
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
         max_epochs=1,
-        logger=False,
         callbacks=[RankAgreement(str(path))],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         **trainer_kwargs,

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from datamodules.package_graph import PackageGraphDataModule, pad_packages
 from lightning_modules.dpr import DPRAG, DPRWG, AttributedGraphConv, set_f1
@@ -162,7 +163,7 @@ def test_ag_mask_layer_masks_the_edge_attributes_or_the_drug_embeddings(data, tr
 
 
 def test_a_checkpoint_loads_only_into_its_own_mask_layer(data, train_batch, tmp_path):
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer(max_steps=1)
     drug = DPRAG(knowledge=data.knowledge, mask_layer="drug", **SMALL)
     trainer.fit(drug, datamodule=data)
     trainer.save_checkpoint(tmp_path / "drug.ckpt")
@@ -175,7 +176,7 @@ def test_a_checkpoint_loads_only_into_its_own_mask_layer(data, train_batch, tmp_
     # checkpoints written before the option masked the edge attributes, and load so
     torch.manual_seed(0)
     model = DPRAG(knowledge=data.knowledge, **SMALL)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer(max_steps=1)
     trainer.fit(model, datamodule=data)
     trainer.save_checkpoint(tmp_path / "edge.ckpt")
     checkpoint = torch.load(tmp_path / "edge.ckpt", weights_only=False)
@@ -286,7 +287,7 @@ def test_pretraining_state_travels_with_the_checkpoint(data):
 def test_a_checkpoint_from_before_the_message_passing_option_loads_as_gated(data, train_batch, tmp_path):
     torch.manual_seed(0)
     model = DPRWG(knowledge=data.knowledge, message_passing="gated", **SMALL)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer(max_steps=1)
     trainer.fit(model, datamodule=data)
     trainer.save_checkpoint(tmp_path / "new.ckpt")
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
@@ -409,15 +410,7 @@ def test_index_list_conversions_and_personal_rank_round_trip():
 def test_heuristic_predict_mode_reports_both_choices(data, tiny_cohort_dir, tmp_path):
     L.seed_everything(0)
     model = DPRWG(knowledge=data.knowledge, **SMALL, generation="heuristic")
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
     records = [r for batch in trainer.predict(model, datamodule=data) for r in batch]
     assert len(records) == sum(len(rows) for rows in data.split_rows("test"))

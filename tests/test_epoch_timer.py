@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-import lightning as L
-from conftest import write_cohort
+from conftest import quiet_trainer, write_cohort
 
 from callbacks.epoch_timer import EpochTimer
 from datamodules.visit_sequence import VisitSequenceDataModule
@@ -21,14 +20,7 @@ class SlowValidation(LogisticRegression):
 def test_validation_time_is_not_counted(tmp_path):
     data = VisitSequenceDataModule(root=str(write_cohort(tmp_path / "c", n_patients=12)), batch_size=64)
     timer = EpochTimer()
-    trainer = L.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
+    trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[timer])
     trainer.fit(SlowValidation(knowledge=data.knowledge), datamodule=data)
     assert len(timer.epoch_seconds) == 2
     assert all(0 < s < 0.25 for s in timer.epoch_seconds), timer.epoch_seconds

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import first_batch, fit_and_test, handmade_datamodule
+from conftest import first_batch, fit_and_test, handmade_datamodule, quiet_trainer
 
 from callbacks import DDIAnnealing
 from datamodules.cohort import Cohort
@@ -233,14 +233,7 @@ def test_temperature_decays_each_epoch_and_is_checkpointed(data, tmp_path):
     assert state["temperature"] == 0.125 and state["epochs_annealed"] == 2
     # resuming for a 4th epoch applies exactly one more decay
     resumed = DDIAnnealing(target_ddi=0.0, temperature=0.5, decay=0.5, seed=0)
-    trainer = L.Trainer(
-        max_epochs=4,
-        logger=False,
-        callbacks=[resumed],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=4, callbacks=[resumed])
     trainer.fit(small_model(data.knowledge, lr=1e-2), datamodule=data, ckpt_path=path)
     assert resumed.temperature == 0.0625 and resumed.epochs_annealed == 3
 

@@ -6,12 +6,11 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_DATA, write_cohort
+from conftest import SHARED_DATA, quiet_trainer, write_cohort
 
 from datamodules.cohort import CohortError
 from datamodules.visit_sequence import VisitCollator, VisitSequenceDataModule
@@ -253,14 +252,7 @@ def test_excess_is_reduced_across_ranks(data):
 
 
 def fit(model, data, ckpt_path=None, **trainer_kwargs):
-    trainer = L.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        **{"max_epochs": 1, "limit_train_batches": 1, **trainer_kwargs},
-    )
+    trainer = quiet_trainer(limit_val_batches=0, **{"max_epochs": 1, "limit_train_batches": 1, **trainer_kwargs})
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return trainer
 

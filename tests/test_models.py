@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import first_batch, handmade_datamodule, write_cohort
+from conftest import first_batch, handmade_datamodule, quiet_trainer, write_cohort
 
 from datamodules.cohort import CohortError
 from datamodules.visit_sequence import VisitSequenceDataModule
@@ -70,7 +70,7 @@ def test_nearest_repeats_previous_visit_and_falls_back_to_frequency(data):
 
 def test_frequency_training_counts_prevalence(data):
     model = DrugFrequency(knowledge=data.knowledge)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer(max_epochs=2)
     trainer.fit(model, datamodule=data)
     train = data.cohort.visits[data.cohort.visits["patient_id"].isin(data.splits["train"])]
     counts = torch.zeros(4)
@@ -95,7 +95,7 @@ def test_model_without_knowledge_says_how_to_get_it():
 
 def test_checkpoint_round_trip_and_vocabulary_mismatch(data, tmp_path):
     model = LogisticRegression(knowledge=data.knowledge)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, datamodule=data)
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pandas as pd
 import pytest
 import torch
-from conftest import write_cohort
+from conftest import quiet_trainer, write_cohort
 
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import Nearest
@@ -24,7 +23,7 @@ def trained(tmp_path):
     """A Nearest model with known prevalence, saved as a checkpoint."""
     data = VisitSequenceDataModule(root=str(write_cohort(tmp_path / "c", n_patients=12)))
     model = Nearest(knowledge=data.knowledge)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, datamodule=data)
     model.prevalence.copy_(torch.tensor([0.6, 0.1, 0.2, 0.9]))
     path = tmp_path / "nearest.ckpt"

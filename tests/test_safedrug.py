@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import first_batch, fit_and_test, write_cohort
+from conftest import first_batch, fit_and_test, quiet_trainer, write_cohort
 
 from callbacks import PIDDDIController
 from datamodules.cohort import CohortError
@@ -18,11 +18,6 @@ from lightning_modules.safedrug import predicted_ddi_counts
 def data(tiny_datamodule):
     tiny_datamodule.setup("fit")
     return tiny_datamodule
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 # --- the model -------------------------------------------------------------------------
