@@ -1,6 +1,7 @@
 """DPR's interpretability outputs (paper Tables 7–8, Fig. 8) from trained checkpoints.
 
     python benchmarks/dpr_interpret.py --wg <DPR-WG ckpt> --ag <DPR-AG ckpt> --out <dir> [--data <folder>]
+        [--age A]
 
 On the test patients' own packages:
 
@@ -10,7 +11,10 @@ On the test patients' own packages:
   softmax(ê_vuᵀ Q): agreement with the known relations, and one labelled drug pair as seen in
   the packages of different patients;
 * ``mask_projection.png`` (Fig. 8): the DPR-WG mask vectors σ(MLP(u)) of the test visits in
-  two dimensions (PCA), coloured by age band (or package size where ages are unknown).
+  two dimensions (PCA), coloured by age band (< 45 / 45–65 / ≥ 65; with ``--age A``, < A / ≥ A),
+  or by package size where ages are unknown; ``mask_projection.md``: the variance the two
+  components explain and, with ages, how well each one alone separates the visits aged ≥ A
+  (AUC, folded to ≥ 0.5 because a component's sign is arbitrary; A = 60 without ``--age``).
 """
 
 from __future__ import annotations
@@ -132,26 +136,71 @@ def class_report(model, data, edges: dict[str, np.ndarray], visits: list[dict]) 
     return "\n".join(lines) + "\n"
 
 
-def mask_plot(data, masks: np.ndarray, visits: list[dict], path: Path) -> None:
+def mask_projection(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(visits, dim) mask vectors -> their first two principal components and the variance share of each."""
+    centred = torch.as_tensor(masks - masks.mean(0), dtype=torch.float64)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ v[:2].T).numpy(), (s[:2] ** 2 / (s**2).sum()).numpy()
+
+
+def separation_auc(score: np.ndarray, group: np.ndarray) -> float:
+    """AUC of ``score`` for the ``group`` visits against the others, folded to >= 0.5 (ties count half)."""
+    from scipy.stats import rankdata
+
+    n1, n0 = int(group.sum()), int((~group).sum())
+    if n1 == 0 or n0 == 0:
+        raise ValueError("both groups need visits to compare")
+    auc = (rankdata(score)[group].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return float(max(auc, 1 - auc))
+
+
+def visit_ages(data, visits: list[dict]) -> np.ndarray | None:
+    if "age" not in data.cohort.visits:
+        return None
+    ages = data.cohort.visits["age"].to_numpy(dtype=float)[[v["row"] for v in visits]]
+    return None if np.isnan(ages).all() else ages
+
+
+def mask_report(data, masks: np.ndarray, visits: list[dict], age: float) -> str:
+    xy, explained = mask_projection(masks)
+    lines = [
+        "DPR-WG mask vectors σ(MLP(u)) of the test visits (Fig. 8)\n",
+        f"{len(visits)} visits; PC1 explains {explained[0]:.1%} of the variance, PC2 {explained[1]:.1%}.",
+    ]
+    ages = visit_ages(data, visits)
+    if ages is not None and (ages >= age).any() and (ages < age).any():
+        old = ages >= age
+        lines += [
+            "",
+            f"| component | mean, age < {age:g} | mean, age ≥ {age:g} | AUC for age ≥ {age:g} |",
+            "|---|---|---|---|",
+        ]
+        for i in range(2):
+            auc = separation_auc(xy[:, i], old)
+            lines.append(f"| PC{i + 1} | {xy[~old, i].mean():.3f} | {xy[old, i].mean():.3f} | {auc:.3f} |")
+        lines.append(f"\n{int((~old).sum())} visits aged < {age:g}, {int(old.sum())} aged ≥ {age:g}.")
+    elif ages is not None:
+        lines.append(f"\nEvery visit is on one side of age {age:g}: no separation to measure.")
+    return "\n".join(lines) + "\n"
+
+
+def mask_plot(data, masks: np.ndarray, visits: list[dict], path: Path, age: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    centred = torch.as_tensor(masks - masks.mean(0))
-    _, s, v = torch.linalg.svd(centred, full_matrices=False)
-    xy = (centred @ v[:2].T).numpy()
-    explained = (s[:2] ** 2 / (s**2).sum()).numpy()
-    ages = data.cohort.visits["age"].to_numpy() if "age" in data.cohort.visits else None
+    xy, explained = mask_projection(masks)
+    ages = visit_ages(data, visits)
     fig, ax = plt.subplots(figsize=(6, 5))
-    if ages is not None and not np.isnan(ages).all():
-        age = np.array([ages[v["row"]] for v in visits])
-        for label, lo, hi, colour in (
-            ("< 45", 0, 45, "tab:green"),
-            ("45–65", 45, 65, "tab:orange"),
-            ("≥ 65", 65, 200, "tab:purple"),
-        ):
-            sel = (age >= lo) & (age < hi)
+    if ages is not None:
+        bands = (
+            [(f"< {age:g}", 0, age, "tab:green"), (f"≥ {age:g}", age, np.inf, "tab:purple")]
+            if age is not None
+            else [("< 45", 0, 45, "tab:green"), ("45–65", 45, 65, "tab:orange"), ("≥ 65", 65, np.inf, "tab:purple")]
+        )
+        for label, lo, hi, colour in bands:
+            sel = (ages >= lo) & (ages < hi)
             ax.scatter(xy[sel, 0], xy[sel, 1], s=8, alpha=0.6, c=colour, label=f"age {label}")
         ax.legend(markerscale=2)
     else:
@@ -171,18 +220,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ag", default=None, help="DPR-AG checkpoint")
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default=None)
+    parser.add_argument("--age", type=float, default=None, help="colour the mask projection by age < A / >= A")
     opts = parser.parse_args(argv)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     wg, data = load(opts.wg, opts.data)
     edges, masks, visits = collect(wg, data)
     (out / "impact_factors.md").write_text(impact_report(wg, data, edges, visits))
-    mask_plot(data, masks, visits, out / "mask_projection.png")
+    mask_plot(data, masks, visits, out / "mask_projection.png", opts.age)
+    (out / "mask_projection.md").write_text(mask_report(data, masks, visits, 60.0 if opts.age is None else opts.age))
     if opts.ag:
         ag, data = load(opts.ag, opts.data)
         edges, _, visits = collect(ag, data)
         (out / "interaction_classes.md").write_text(class_report(ag, data, edges, visits))
-    for name in ("impact_factors.md", "interaction_classes.md"):
+    for name in ("impact_factors.md", "interaction_classes.md", "mask_projection.md"):
         if (out / name).exists():
             print((out / name).read_text())
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 from conftest import quiet_trainer
 
@@ -88,8 +89,37 @@ def test_interpretability_outputs_tables_7_and_8_and_the_mask_projection(checkpo
     for _, *probabilities in rows:  # class probabilities of an edge sum to one, so do their means
         assert sum(map(float, probabilities)) == pytest.approx(1.0, abs=2e-3)
     assert "One pair in different patients' packages" in classes
+    projection = (tmp_path / "mask_projection.md").read_text()
+    assert "PC1 explains" in projection and "| PC1 | " in projection and "AUC for age ≥ 60 |" in projection
+
+
+def test_mask_projection_splits_at_the_age_asked_for(checkpoints, tmp_path):
+    dpr_interpret.main(["--wg", checkpoints["wg"][0], "--out", str(tmp_path), "--age", "45"])
+    projection = (tmp_path / "mask_projection.md").read_text()
+    (auc,) = re.findall(r"^\| PC1 \| [-\d.]+ \| [-\d.]+ \| ([\d.]+) \|$", projection, re.M)
+    assert "AUC for age ≥ 45 |" in projection and 0.5 <= float(auc) <= 1.0
 
 
 def test_interpretability_without_a_dpr_ag_checkpoint_writes_table_7_only(checkpoints, tmp_path):
     dpr_interpret.main(["--wg", checkpoints["wg"][0], "--out", str(tmp_path)])
     assert (tmp_path / "impact_factors.md").is_file() and not (tmp_path / "interaction_classes.md").exists()
+
+
+def test_separation_auc_by_hand():
+    group = np.array([False, False, True, True])
+    assert dpr_interpret.separation_auc(np.array([1.0, 2.0, 3.0, 4.0]), group) == 1.0
+    assert dpr_interpret.separation_auc(np.array([4.0, 3.0, 2.0, 1.0]), group) == 1.0  # a component's sign is arbitrary
+    # group ranks 2 and 4: (2 + 4 - 3) / (2 * 2)
+    assert dpr_interpret.separation_auc(np.array([1.0, 3.0, 2.0, 4.0]), group) == 0.75
+    assert dpr_interpret.separation_auc(np.array([1.0, 1.0]), np.array([True, False])) == 0.5  # a tie counts half
+    with pytest.raises(ValueError, match="both groups"):
+        dpr_interpret.separation_auc(np.array([1.0, 2.0]), np.array([True, True]))
+
+
+def test_mask_projection_finds_the_one_direction_masks_vary_in():
+    direction = np.array([0.6, 0.8, 0.0])
+    masks = 0.5 + np.outer(np.linspace(-0.3, 0.3, 7), direction)
+    xy, explained = dpr_interpret.mask_projection(masks)
+    assert explained[0] == pytest.approx(1.0) and explained[1] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(np.abs(xy[:, 0]), np.abs(np.linspace(-0.3, 0.3, 7)), atol=1e-12)
+    np.testing.assert_allclose(xy[:, 1], 0.0, atol=1e-12)
