@@ -14,7 +14,9 @@ On the test patients' own packages:
   two dimensions (PCA), coloured by age band (< 45 / 45–65 / ≥ 65; with ``--age A``, < A / ≥ A),
   or by package size where ages are unknown; ``mask_projection.md``: the variance the two
   components explain and, with ages, how well each one alone separates the visits aged ≥ A
-  (AUC, folded to ≥ 0.5 because a component's sign is arbitrary; A = 60 without ``--age``).
+  (AUC, folded to ≥ 0.5 because a component's sign is arbitrary; A = 60 without ``--age``);
+  ``mask_projection_ag.*`` the same for DPR-AG's mask (on the edge attributes or the drug
+  embeddings, its ``mask_layer``). A model trained without its mask layer gets none.
 """
 
 from __future__ import annotations
@@ -161,10 +163,10 @@ def visit_ages(data, visits: list[dict]) -> np.ndarray | None:
     return None if np.isnan(ages).all() else ages
 
 
-def mask_report(data, masks: np.ndarray, visits: list[dict], age: float) -> str:
+def mask_report(data, masks: np.ndarray, visits: list[dict], age: float, variant: str = "DPR-WG") -> str:
     xy, explained = mask_projection(masks)
     lines = [
-        "DPR-WG mask vectors σ(MLP(u)) of the test visits (Fig. 8)\n",
+        f"{variant} mask vectors σ(MLP(u)) of the test visits (Fig. 8)\n",
         f"{len(visits)} visits; PC1 explains {explained[0]:.1%} of the variance, PC2 {explained[1]:.1%}.",
     ]
     ages = visit_ages(data, visits)
@@ -184,7 +186,9 @@ def mask_report(data, masks: np.ndarray, visits: list[dict], age: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mask_plot(data, masks: np.ndarray, visits: list[dict], path: Path, age: float | None = None) -> None:
+def mask_plot(
+    data, masks: np.ndarray, visits: list[dict], path: Path, age: float | None = None, variant: str = "DPR-WG"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,10 +212,22 @@ def mask_plot(data, masks: np.ndarray, visits: list[dict], path: Path, age: floa
         fig.colorbar(points, ax=ax, label="package size")
     ax.set_xlabel(f"PC1 ({explained[0]:.0%})")
     ax.set_ylabel(f"PC2 ({explained[1]:.0%})")
-    ax.set_title("DPR-WG mask vectors σ(MLP(u)) of the test visits")
+    ax.set_title(f"{variant} mask vectors σ(MLP(u)) of the test visits")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_mask_outputs(model, data, masks, visits, out: Path, suffix: str, age: float | None) -> None:
+    """``mask_projection{suffix}.png`` and ``.md``; none for a model trained without its mask layer, whose mask
+    weights were never trained."""
+    variant = type(model).__name__.replace("DPR", "DPR-")
+    if not model.hparams.use_mask:
+        print(f"{variant} was trained without its mask layer (use_mask: false): no mask projection")
+        return
+    mask_plot(data, masks, visits, out / f"mask_projection{suffix}.png", age, variant)
+    text = mask_report(data, masks, visits, 60.0 if age is None else age, variant)
+    (out / f"mask_projection{suffix}.md").write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,13 +243,13 @@ def main(argv: list[str] | None = None) -> None:
     wg, data = load(opts.wg, opts.data)
     edges, masks, visits = collect(wg, data)
     (out / "impact_factors.md").write_text(impact_report(wg, data, edges, visits))
-    mask_plot(data, masks, visits, out / "mask_projection.png", opts.age)
-    (out / "mask_projection.md").write_text(mask_report(data, masks, visits, 60.0 if opts.age is None else opts.age))
+    write_mask_outputs(wg, data, masks, visits, out, "", opts.age)
     if opts.ag:
         ag, data = load(opts.ag, opts.data)
-        edges, _, visits = collect(ag, data)
+        edges, masks, visits = collect(ag, data)
         (out / "interaction_classes.md").write_text(class_report(ag, data, edges, visits))
-    for name in ("impact_factors.md", "interaction_classes.md", "mask_projection.md"):
+        write_mask_outputs(ag, data, masks, visits, out, "_ag", opts.age)
+    for name in ("impact_factors.md", "interaction_classes.md", "mask_projection.md", "mask_projection_ag.md"):
         if (out / name).exists():
             print((out / name).read_text())
 

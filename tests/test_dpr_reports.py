@@ -29,10 +29,11 @@ SMALL = {"embedding_dim": 16, "hidden_dim": 16, "dropout": 0.0, "pretrain_epochs
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_cohort_dir, tmp_path_factory):
-    """Briefly trained DPR-WG and DPR-AG (`drug` mask) checkpoints, and each one's test-loop F1."""
+    """Briefly trained DPR-WG, DPR-AG (`drug` mask) and structure-only GNN checkpoints, each with its test-loop F1."""
     folder = tmp_path_factory.mktemp("dpr_reports")
     saved = {}
-    for name, cls, options in (("wg", DPRWG, {}), ("ag", DPRAG, {"mask_layer": "drug"})):
+    gnn = {"use_mask": False, "use_context": False, "edge_weights": "structure"}
+    for name, cls, options in (("wg", DPRWG, {}), ("ag", DPRAG, {"mask_layer": "drug"}), ("gnn", DPRWG, gnn)):
         L.seed_everything(0)
         data = PackageGraphDataModule(root=str(tiny_cohort_dir), batch_size=16, negative_packages=4)
         data.setup("fit")
@@ -91,6 +92,8 @@ def test_interpretability_outputs_tables_7_and_8_and_the_mask_projection(checkpo
     assert "One pair in different patients' packages" in classes
     projection = (tmp_path / "mask_projection.md").read_text()
     assert "PC1 explains" in projection and "| PC1 | " in projection and "AUC for age ≥ 60 |" in projection
+    assert (tmp_path / "mask_projection_ag.md").read_text().startswith("DPR-AG mask vectors")
+    assert (tmp_path / "mask_projection_ag.png").is_file()
 
 
 def test_mask_projection_splits_at_the_age_asked_for(checkpoints, tmp_path):
@@ -103,6 +106,14 @@ def test_mask_projection_splits_at_the_age_asked_for(checkpoints, tmp_path):
 def test_interpretability_without_a_dpr_ag_checkpoint_writes_table_7_only(checkpoints, tmp_path):
     dpr_interpret.main(["--wg", checkpoints["wg"][0], "--out", str(tmp_path)])
     assert (tmp_path / "impact_factors.md").is_file() and not (tmp_path / "interaction_classes.md").exists()
+    assert not (tmp_path / "mask_projection_ag.md").exists()
+
+
+def test_a_model_trained_without_its_mask_gets_no_mask_projection(checkpoints, tmp_path, capsys):
+    dpr_interpret.main(["--wg", checkpoints["gnn"][0], "--out", str(tmp_path)])
+    assert (tmp_path / "impact_factors.md").is_file()
+    assert not (tmp_path / "mask_projection.png").exists() and not (tmp_path / "mask_projection.md").exists()
+    assert "trained without its mask layer" in capsys.readouterr().out
 
 
 def test_separation_auc_by_hand():
