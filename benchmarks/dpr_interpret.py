@@ -170,6 +170,8 @@ def mask_report(data, masks: np.ndarray, visits: list[dict], age: float, variant
         f"{len(visits)} visits; PC1 explains {explained[0]:.1%} of the variance, PC2 {explained[1]:.1%}.",
     ]
     ages = visit_ages(data, visits)
+    if ages is not None:  # visits of unknown age are left out of the comparison
+        xy, ages = xy[~np.isnan(ages)], ages[~np.isnan(ages)]
     if ages is not None and (ages >= age).any() and (ages < age).any():
         old = ages >= age
         lines += [

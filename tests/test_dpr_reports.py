@@ -134,3 +134,18 @@ def test_mask_projection_finds_the_one_direction_masks_vary_in():
     assert explained[0] == pytest.approx(1.0) and explained[1] == pytest.approx(0.0, abs=1e-12)
     np.testing.assert_allclose(np.abs(xy[:, 0]), np.abs(np.linspace(-0.3, 0.3, 7)), atol=1e-12)
     np.testing.assert_allclose(xy[:, 1], 0.0, atol=1e-12)
+
+
+def test_mask_report_leaves_visits_of_unknown_age_out():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    data = SimpleNamespace(cohort=SimpleNamespace(visits=pd.DataFrame({"age": [30.0, 70.0, np.nan, 40.0, 80.0]})))
+    masks = np.array([[0.1, 0.5], [0.9, 0.5], [0.5, 0.9], [0.2, 0.4], [0.8, 0.6]])
+    text = dpr_interpret.mask_report(data, masks, [{"row": i} for i in range(5)], age=60.0)
+    assert "5 visits;" in text and "2 visits aged < 60, 2 aged ≥ 60." in text
+    (auc,) = re.findall(r"^\| PC1 \| [-\d.]+ \| [-\d.]+ \| ([\d.]+) \|$", text, re.M)
+    assert float(auc) == 1.0  # the first component runs from the young to the old visits
+    one_side = dpr_interpret.mask_report(data, masks, [{"row": i} for i in range(5)], age=20.0)
+    assert "Every visit is on one side of age 20" in one_side
