@@ -14,7 +14,6 @@ any chooser could do), to ``<dir>/heuristic.md`` and ``heuristic.json``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -29,13 +28,13 @@ from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E
 from datamodules.package_graph import PackageGraphDataModule  # noqa: E402
 from lightning_modules.dpr import DPR, set_f1  # noqa: E402
 from lightning_modules.package_generation import GenerationRules, to_multi_hot  # noqa: E402
-from lightning_modules.recommend import MODEL_CLASS_KEY  # noqa: E402
+from lightning_modules.recommend import load_model  # noqa: E402
 
 
-def load(ckpt: str, data_root: str | None) -> tuple[DPR, PackageGraphDataModule]:
+def load(ckpt: str, data_root: str | None, kind: type[DPR] = DPR) -> tuple[DPR, PackageGraphDataModule]:
+    """A DPR checkpoint (of class ``kind``) and the package-graph data it was trained on, or ``data_root``."""
+    model = load_model(ckpt, kind=kind).eval()
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    module, _, name = checkpoint.get(MODEL_CLASS_KEY, "lightning_modules.dpr.DPRWG").rpartition(".")
-    model = getattr(importlib.import_module(module), name).from_checkpoint(ckpt).eval()
     options = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
     options["root"] = data_root if data_root is not None else options.get("root")
     data = PackageGraphDataModule(**options)

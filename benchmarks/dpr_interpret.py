@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpr_heuristic import load  # noqa: E402
 from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 
-from lightning_modules.dpr import INTERACTION_CLASSES  # noqa: E402
+from lightning_modules.dpr import DPRAG, DPRWG, INTERACTION_CLASSES  # noqa: E402
 
 RELATION_NAMES = {0: "none", 1: "synergy", 2: "antagonism", -1: "unknown"}
 
@@ -242,12 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    wg, data = load(opts.wg, opts.data)
+    wg, data = load(opts.wg, opts.data, DPRWG)
     edges, masks, visits = collect(wg, data)
     (out / "impact_factors.md").write_text(impact_report(wg, data, edges, visits))
     write_mask_outputs(wg, data, masks, visits, out, "", opts.age)
     if opts.ag:
-        ag, data = load(opts.ag, opts.data)
+        ag, data = load(opts.ag, opts.data, DPRAG)
         edges, masks, visits = collect(ag, data)
         (out / "interaction_classes.md").write_text(class_report(ag, data, edges, visits))
         write_mask_outputs(ag, data, masks, visits, out, "_ag", opts.age)

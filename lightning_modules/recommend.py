@@ -40,6 +40,19 @@ def visit_record(probs: torch.Tensor, threshold: float, knowledge: CohortKnowled
     }
 
 
+def load_model(path: str, map_location: str | torch.device = "cpu", kind: type | None = None):
+    """The model a medrec checkpoint holds, as the class it was trained as; ``kind``: the class it must be."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    class_path = checkpoint.get(MODEL_CLASS_KEY) if isinstance(checkpoint, dict) else None
+    if class_path is None:
+        raise CohortError(f"{path}: not a medrec checkpoint (no {MODEL_CLASS_KEY})")
+    module, _, name = class_path.rpartition(".")
+    model_class = getattr(importlib.import_module(module), name)
+    if kind is not None and not issubclass(model_class, kind):
+        raise CohortError(f"{path}: a {name} checkpoint, where a {kind.__name__} checkpoint is needed")
+    return model_class.from_checkpoint(path, map_location=map_location)
+
+
 class UnknownCodeError(CohortError):
     """A code given to the recommender is outside the model's vocabulary."""
 
@@ -54,13 +67,7 @@ class Recommender:
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> Recommender:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-        class_path = checkpoint.get(MODEL_CLASS_KEY)
-        if class_path is None:
-            raise CohortError(f"{path}: not a medrec checkpoint (no {MODEL_CLASS_KEY})")
-        module, _, name = class_path.rpartition(".")
-        model_class = getattr(importlib.import_module(module), name)
-        return cls(model_class.from_checkpoint(path, map_location=map_location))
+        return cls(load_model(path, map_location))
 
     def _encode(self, codes, vocab: str, visit: int, on_unknown: str) -> np.ndarray:
         index = self._index[vocab]

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from conftest import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +150,21 @@ def test_mask_report_leaves_visits_of_unknown_age_out():
     assert float(auc) == 1.0  # the first component runs from the young to the old visits
     one_side = dpr_interpret.mask_report(data, masks, [{"row": i} for i in range(5)], age=20.0)
     assert "Every visit is on one side of age 20" in one_side
+
+
+def test_a_checkpoint_of_the_wrong_model_is_refused_with_what_is_needed(checkpoints, tmp_path):
+    from datamodules.cohort import CohortError
+
+    with pytest.raises(CohortError, match="a DPRAG checkpoint, where a DPRWG checkpoint is needed"):
+        dpr_interpret.main(["--wg", checkpoints["ag"][0], "--out", str(tmp_path)])
+    with pytest.raises(CohortError, match="a DPRWG checkpoint, where a DPRAG checkpoint is needed"):
+        dpr_interpret.main(["--wg", checkpoints["wg"][0], "--ag", checkpoints["gnn"][0], "--out", str(tmp_path)])
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CohortError, match="not a medrec checkpoint"):
+        dpr_heuristic.main(["--ckpt", str(tmp_path / "other.ckpt"), "--out", str(tmp_path)])
+
+
+def test_interpret_refuses_an_age_that_is_not_a_number(checkpoints, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        dpr_interpret.main(["--wg", checkpoints["wg"][0], "--out", str(tmp_path), "--age", "old"])
+    assert "--age: invalid float value: 'old'" in capsys.readouterr().err
