@@ -222,12 +222,16 @@ class DPR(PackageRecModule):
         return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     # --- scoring -----------------------------------------------------------------------------
+    def patient_mask(self, u: torch.Tensor) -> torch.Tensor:
+        """σ(MLP(u)), the mask layer, per patient."""
+        return torch.sigmoid(self.mask(u))
+
     def masked_drugs(self, u: torch.Tensor, graphs: Batch) -> torch.Tensor:
         """d̂_v = σ(MLP(u)) ⊙ d_v on every node, u its graph's patient (d_v with the mask layer off)."""
         d = self.drugs(graphs.x)
         if not self.hparams.use_mask:
             return d
-        return torch.sigmoid(self.mask(u))[graphs.owner[graphs.batch]] * d
+        return self.patient_mask(u)[graphs.owner[graphs.batch]] * d
 
     def retrieval_embedding(self, batch: dict) -> torch.Tensor:
         return self.ncf.encoder(batch)
@@ -357,7 +361,7 @@ class DPR(PackageRecModule):
     @torch.no_grad()
     def mask_vectors(self, batch: dict) -> torch.Tensor:
         """σ(MLP(u)) of every visit (Fig. 8)."""
-        return torch.sigmoid(self.mask(self.encoder(batch)))
+        return self.patient_mask(self.encoder(batch))
 
     @torch.no_grad()
     def explain(self, batch: dict, packages: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -546,7 +550,7 @@ class DPRAG(DPR):
         src, dst = graphs.edge_index
         e = self.edge_out(self.edge_in(d, src, dst))
         if self.hparams.use_mask and self.hparams.mask_layer == "edge":
-            e = torch.sigmoid(self.mask(u))[graphs.owner[graphs.batch[src]]] * e
+            e = self.patient_mask(u)[graphs.owner[graphs.batch[src]]] * e
         return e
 
     def graph_nodes(self, u: torch.Tensor, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
