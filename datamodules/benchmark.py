@@ -8,15 +8,13 @@ training split.
 
 from __future__ import annotations
 
-import builtins
-import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from datamodules.cohort import Cohort, CohortError
+from datamodules.safe_pickle import load_pickle
 
 BENCHMARK_FILES = ("records_final.pkl", "voc_final.pkl", "ddi_A_final.pkl")
 
@@ -26,34 +24,23 @@ def is_benchmark_folder(folder: str | Path) -> bool:
 
 
 def _load_pickle(path: Path):
-    try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
-    except Exception as err:
-        raise CohortError(f"{path}: cannot be unpickled ({type(err).__name__}: {err})") from None
+    """Any of the family's pickles, through the restricted reader: no file can run code."""
+    return load_pickle(path, what="a benchmark pickle")
 
 
 def _load_vocabulary(path: Path) -> dict[str, list[str]]:
-    """voc_final.pkl is a dill pickle of a class from the authors' ``__main__`` (Python 2 names)."""
-    import dill
-
-    had_alias = "__builtin__" in sys.modules
-    sys.modules.setdefault("__builtin__", builtins)
-    try:
-        with open(path, "rb") as fh:
-            raw = dill.load(fh)
-    except Exception as err:
-        raise CohortError(
-            f"{path}: cannot be loaded as the benchmark vocabulary ({type(err).__name__}: {err})"
-        ) from None
-    finally:
-        if not had_alias:
-            sys.modules.pop("__builtin__", None)
+    """voc_final.pkl: a (dill) pickle of the authors' ``Voc`` class, often stored by value with
+    its code; the restricted reader keeps only the instances' ``idx2word`` dicts."""
+    raw = load_pickle(path, what="the benchmark vocabulary")
+    if not isinstance(raw, dict):
+        raise CohortError(f"{path}: expected a dict of vocabularies, got {type(raw).__name__}")
     out = {}
     for key, name in (("diag_voc", "diagnosis"), ("pro_voc", "procedure"), ("med_voc", "medication")):
         if key not in raw:
             raise CohortError(f"{path}: vocabulary {key!r} missing (found {sorted(raw)})")
-        idx2word = raw[key].idx2word
+        idx2word = getattr(raw[key], "idx2word", None)
+        if not isinstance(idx2word, dict) or sorted(idx2word) != list(range(len(idx2word))):
+            raise CohortError(f"{path}: vocabulary {key!r} has no idx2word dict indexed 0..n-1")
         out[name] = [str(idx2word[i]) for i in range(len(idx2word))]
     return out
 
