@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks.recommendation_writer import RecommendationWriter
-from datamodules.cohort import CohortError
+from datamodules.errors import run_reporting_errors
+from datamodules.safe_pickle import load_checkpoint
 from lightning_modules.base import MedRecModule
 
 
@@ -59,17 +60,29 @@ def make_cli(args=None, run: bool = True) -> MedRecCLI:
         subclass_mode_data=True,
         save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # main() prints a bad option as one line
         args=args,
         run=run,
     )
 
 
 def main(args=None) -> None:
-    try:
+    """Run the CLI; a user-facing failure (bad data, option or checkpoint) is one
+    ``medrec: error: ...`` line and exit code 2 (``MEDREC_DEBUG=1``: the traceback instead)."""
+
+    def run() -> None:
+        argv = sys.argv[1:] if args is None else list(args)
+        # files given as --ckpt_path (not Lightning's names last, best, ...) are read safely first:
+        # missing, damaged or unsafe -> one clear line before any work starts
+        values = [a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")]
+        values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ckpt_path"]
+        for path in values:
+            if path.lower() not in {"last", "best", "hpc", "registry", "null", "none", ""}:
+                if not path.startswith("registry:"):
+                    load_checkpoint(path)
         make_cli(args)
-    except CohortError as err:
-        print(f"medrec: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+    run_reporting_errors("medrec", run)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def check_method(method: str, opts: argparse.Namespace, out: Path) -> dict:
     row["controller"] = nan_equal(r0["trace"], r1["trace"]) and len(r0["trace"]) > 0
     if row["controller"] and not any(r0["trace"]):
         row["controller"] = "n/a"  # no controller in this method
-    s0, s1 = (torch.load(work / "fit" / f"fit_rank{r}.pt") for r in (0, 1))
+    s0, s1 = (torch.load(work / "fit" / f"fit_rank{r}.pt", weights_only=True) for r in (0, 1))
     row["params_equal"] = max_state_diff(s0, s1) == 0.0
     val = lambda m: {k: v for k, v in m.items() if k.startswith("val_")}  # noqa: E731
     row["val_equal"] = nan_equal(val(r0["metrics"]), val(r1["metrics"])) and bool(val(r0["metrics"]))

@@ -34,7 +34,7 @@ from lightning_modules.recommend import load_model  # noqa: E402
 def load(ckpt: str, data_root: str | None, kind: type[DPR] = DPR) -> tuple[DPR, PackageGraphDataModule]:
     """A DPR checkpoint (of class ``kind``) and the package-graph data it was trained on, or ``data_root``."""
     model = load_model(ckpt, kind=kind).eval()
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     options = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
     options["root"] = data_root if data_root is not None else options.get("root")
     data = PackageGraphDataModule(**options)

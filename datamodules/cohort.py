@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datamodules.errors import MedRecError
+
 FORMAT_VERSION = 1
 
 CODE_FIELDS = ("diagnosis", "procedure", "medication", "lab")
@@ -45,8 +47,8 @@ RELATIONS = ("none", "synergy", "antagonism", "unknown")
 RELATION_CODES = {"none": 0, "synergy": 1, "antagonism": 2, "unknown": -1}
 
 
-class CohortError(ValueError):
-    """A cohort folder is missing, incomplete or inconsistent."""
+class CohortError(MedRecError):
+    """A cohort folder (or another data input) is missing, incomplete or inconsistent."""
 
 
 @dataclass

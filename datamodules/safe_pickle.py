@@ -201,3 +201,37 @@ def load_pickle(path: str | os.PathLike, what: str = "a pickle") -> Any:
         raise UnsafePickleError(f"{path}: {err}") from None
     except Exception as err:  # pickle raises many types for damaged or foreign files
         raise CohortError(f"{path}: cannot be unpickled as {what} ({type(err).__name__}: {err})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """A torch/Lightning checkpoint read with ``weights_only=True`` (tensors and plain types only:
+    no code from the file runs); any failure is a ``CheckpointError`` that names ``path``."""
+    import torch
+
+    from datamodules.errors import CheckpointError
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: a checkpoint must be a file, this is a folder")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused is not None:
+            reason = f"refused to load what it asks for, which could run code ({refused.rstrip('.')})"
+        elif any("Unsupported operand" in line for line in lines):
+            reason = "not a checkpoint (not a torch/pickle file)"
+        else:
+            reason = lines[0] if lines else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint: {reason}") from None
+    except Exception as err:  # truncated zip, text file, ...: torch raises many types
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint (damaged or not a checkpoint: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint

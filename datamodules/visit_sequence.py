@@ -32,7 +32,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cohort import CODE_COLUMNS, Cohort, CohortError
+from datamodules.errors import OptionError
 from datamodules.knowledge import CohortKnowledge, co_prescription_adjacency
+from datamodules.options import ClosedUnitInterval, NonNegativeInt, PositiveInt, plain
 from datamodules.sources import Source, resolve_cohort
 from datamodules.synthetic import SyntheticSpec
 
@@ -143,13 +145,13 @@ def synthetic_spec(patients: int, seed: int, options: dict) -> SyntheticSpec:
     fields = {f.name: f.type for f in dataclasses.fields(SyntheticSpec) if f.name not in ("patients", "seed")}
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise ValueError(f"unknown synthetic_options {unknown}; known: {sorted(fields)}")
+        raise OptionError(f"unknown synthetic_options {unknown}; known: {sorted(fields)}")
     values = {}
     for name, value in options.items():
         # YAML and the CLI may give 150 as 150.0; integer fields must stay integers (cache key)
         if fields[name] in (int, "int"):
             if not float(value).is_integer():
-                raise ValueError(f"synthetic_options.{name} must be an integer, got {value}")
+                raise OptionError(f"synthetic_options.{name} must be an integer, got {value}")
             value = int(value)
         values[name] = float(value) if fields[name] in (float, "float") else value
     return SyntheticSpec(patients=patients, seed=seed, **values)
@@ -180,25 +182,34 @@ class VisitSequenceDataModule(L.LightningDataModule):
         root: str | None = None,
         source: Source = "auto",
         split: Literal["safedrug", "random"] = "safedrug",
-        split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        split_ratios: tuple[ClosedUnitInterval, ClosedUnitInterval, ClosedUnitInterval] = (0.8, 0.1, 0.1),
         seed: int = 0,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 32,
+        eval_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
         pin_memory: bool = False,
-        min_visits: int = 1,
-        max_visits: int | None = None,
-        synthetic_patients: int = 2000,
+        min_visits: PositiveInt = 1,
+        max_visits: PositiveInt | None = None,
+        synthetic_patients: PositiveInt = 2000,
         synthetic_seed: int = 0,
         synthetic_options: dict[str, int | float] | None = None,
         cache_dir: str | None = None,
     ):
         super().__init__()
+        split_ratios = tuple(plain(split_ratios))
         if len(split_ratios) != 3 or min(split_ratios) < 0 or not np.isclose(sum(split_ratios), 1.0):
-            raise ValueError(f"split_ratios must be three non-negative numbers summing to 1, got {split_ratios}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise OptionError(
+                f"split_ratios must be three non-negative numbers summing to 1, got {list(split_ratios)}"
+                f" (sum {sum(split_ratios):g})"
+            )
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise OptionError(f"{name} must be >= 1, got {value}")
+        for name, value in (("min_visits", min_visits), ("max_visits", max_visits)):
+            if value is not None and value < 1:
+                raise OptionError(f"{name} must be >= 1 (None keeps every visit), got {value}")
         self.save_hyperparameters()
+        self.hparams.update(plain(dict(self.hparams)))  # parsed option types -> builtins (weights_only)
         self.root, self.source, self.split = root, source, split
         self.split_ratios, self.seed = tuple(split_ratios), seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size

@@ -19,6 +19,8 @@ from torchmetrics.aggregation import CatMetric
 
 from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge
+from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, check_range, plain
+from datamodules.safe_pickle import load_checkpoint
 from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendation_metrics, summarize
 from lightning_modules.process_group import destroy_process_group_at_exit
 from lightning_modules.recommend import MODEL_CLASS_KEY, visit_record
@@ -63,12 +65,12 @@ class MedRecModule(L.LightningModule):
     def __init__(
         self,
         knowledge: CohortKnowledge | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        threshold: float = 0.5,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.0,
+        threshold: Probability = 0.5,
         margin_weight: float = 0.0,
-        bootstrap_rounds: int = 10,
-        bootstrap_fraction: float = 0.8,
+        bootstrap_rounds: PositiveInt = 10,
+        bootstrap_fraction: Probability = 0.8,
         bootstrap_seed: int = 0,
     ):
         super().__init__()
@@ -79,7 +81,10 @@ class MedRecModule(L.LightningModule):
             )
         if not 0.0 <= margin_weight <= 1.0:
             raise ValueError(f"margin_weight must lie in [0, 1], got {margin_weight}")
+        check_range("lr", lr, 0, open_low=True)  # the CLI refuses these at parse time; Python callers here
+        check_range("threshold", threshold, 0, 1, open_low=True)
         self.save_hyperparameters(ignore=["knowledge"])
+        self.hparams.update(plain(dict(self.hparams)))  # parsed option types -> builtins (weights_only)
         # not via hparams: those hold the outermost __init__'s arguments, and subclasses that fix
         # the threshold (the package recommenders) do not take one
         self.threshold = threshold
@@ -194,12 +199,14 @@ class MedRecModule(L.LightningModule):
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", **hparams) -> MedRecModule:
         """Load a trained model without its DataModule (the knowledge travels in the checkpoint);
         ``hparams`` override the saved hyperparameters."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = load_checkpoint(path, map_location=map_location)  # weights_only: no code runs
         if KNOWLEDGE_KEY not in checkpoint:
             raise CohortError(f"{path}: not a medrec checkpoint (no {KNOWLEDGE_KEY})")
         knowledge = cls.KNOWLEDGE_CLASS.from_state(checkpoint[KNOWLEDGE_KEY])
         hparams = {**cls.settings_of_older_checkpoints(checkpoint.get("hyper_parameters", {})), **hparams}
-        return cls.load_from_checkpoint(path, map_location=map_location, knowledge=knowledge, **hparams)
+        return cls.load_from_checkpoint(
+            path, map_location=map_location, weights_only=True, knowledge=knowledge, **hparams
+        )
 
     @classmethod
     def settings_of_older_checkpoints(cls, saved: dict) -> dict:

@@ -28,6 +28,8 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
 from datamodules.knowledge import CohortKnowledge
+from datamodules.options import DropoutRate, PositiveFloat, PositiveInt
+from datamodules.safe_pickle import load_checkpoint
 from lightning_modules.base import KNOWLEDGE_KEY
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
 from lightning_modules.ncf import NCFCore, PatientEncoder, pretrain_ncf
@@ -86,14 +88,14 @@ class DPR(PackageRecModule):
     def __init__(
         self,
         *args,
-        embedding_dim: int = 64,
-        hidden_dim: int = 128,
-        text_dim: int = 32,
-        dropout: float = 0.2,
+        embedding_dim: PositiveInt = 64,
+        hidden_dim: PositiveInt = 128,
+        text_dim: PositiveInt = 32,
+        dropout: DropoutRate = 0.2,
         num_layers: int = 2,
         use_mask: bool = True,
         pretrain_epochs: int = 40,
-        pretrain_lr: float = 3e-3,
+        pretrain_lr: PositiveFloat = 3e-3,
         pretrain_weight_decay: float = 1e-5,
         ncf_checkpoint: str | None = None,
         similar_negatives: int = 0,
@@ -183,7 +185,7 @@ class DPR(PackageRecModule):
             self.refresh_pool()  # the frozen NCF's embeddings: fixed for the whole fit
 
     def load_ncf(self, path: str) -> None:
-        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        checkpoint = load_checkpoint(path, map_location=self.device)  # weights_only: no code runs
         if KNOWLEDGE_KEY in checkpoint:
             self.knowledge.check_compatible(CohortKnowledge.from_state(checkpoint[KNOWLEDGE_KEY]), what=path)
         state = {k[len("core.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("core.")}
@@ -523,7 +525,7 @@ class DPRAG(DPR):
     def __init__(
         self,
         *args,
-        edge_dim: int = 32,
+        edge_dim: PositiveInt = 32,
         type_weight: float = 1.0,
         mask_layer: Literal["edge", "drug"] = "edge",
         message_passing: Literal["edge_gru", "gated"] = "gated",

@@ -11,6 +11,7 @@ from torch import nn
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import add_remaining_self_loops, dense_to_sparse, scatter, to_dense_adj
 
+from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
 
@@ -48,7 +49,7 @@ class DrugGraphEncoder(nn.Module):
     passing over an edge list, so the propagation is a matrix product.
     """
 
-    def __init__(self, adj, dim: int, dropout: float = 0.3, normalization: Normalization = "row"):
+    def __init__(self, adj, dim: int, dropout: DropoutRate = 0.3, normalization: Normalization = "row"):
         super().__init__()
         n = int(np.asarray(adj).shape[0])
         self.register_buffer("adjacency", normalized_adjacency(adj, normalization), persistent=False)
@@ -107,9 +108,9 @@ class GAMENet(MedRecModule):
     def __init__(
         self,
         *args,
-        embedding_dim: int = 64,
-        dropout: float = 0.4,
-        gcn_dropout: float = 0.3,
+        embedding_dim: PositiveInt = 64,
+        dropout: DropoutRate = 0.4,
+        gcn_dropout: DropoutRate = 0.3,
         ddi_in_memory: bool = True,
         normalization: Normalization = "row",
         pooling: Literal["mean", "sum"] = "mean",

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.cohort import CohortError
+from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.elos import ELOSMetric, Retrieval, StayIndex
 from lightning_modules.visit_ops import embed_codes, previous_visit
@@ -46,13 +47,13 @@ class MiranDaPredictor(MedRecModule):
         self,
         *args,
         features: tuple[Feature, ...] = ("diagnoses", "procedures", "labs", "demographics"),
-        embedding_dim: int = 64,
-        heads: int = 4,
+        embedding_dim: PositiveInt = 64,
+        heads: PositiveInt = 4,
         layers: int = 1,
-        dropout: float = 0.2,
+        dropout: DropoutRate = 0.2,
         max_admissions: int = 32,
         age_window: float = 5.0,
-        top_k: int = 50,
+        top_k: PositiveInt = 50,
         min_similarity: float = 0.35,
         **kwargs,
     ):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.cohort import CohortError
+from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from datamodules.package_graph import PackageGraphBuilder, PackageKnowledge, nearest_candidates
 from lightning_modules.base import MedRecModule
 
@@ -67,10 +68,10 @@ class PackageRecModule(MedRecModule):
     def __init__(
         self,
         knowledge: PackageKnowledge | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        bootstrap_rounds: int = 10,
-        bootstrap_fraction: float = 0.8,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.0,
+        bootstrap_rounds: PositiveInt = 10,
+        bootstrap_fraction: Probability = 0.8,
         bootstrap_seed: int = 0,
     ):
         super().__init__(

@@ -18,6 +18,7 @@ import torch
 
 from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge
+from datamodules.safe_pickle import load_checkpoint
 from datamodules.visit_sequence import GENDER_CODES, VisitCollator
 
 MODEL_CLASS_KEY = "medrec_model_class"
@@ -42,12 +43,16 @@ def visit_record(probs: torch.Tensor, threshold: float, knowledge: CohortKnowled
 
 def load_model(path: str, map_location: str | torch.device = "cpu", kind: type | None = None):
     """The model a medrec checkpoint holds, as the class it was trained as; ``kind``: the class it must be."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    checkpoint = load_checkpoint(path, map_location=map_location)  # weights_only: no code runs
     class_path = checkpoint.get(MODEL_CLASS_KEY) if isinstance(checkpoint, dict) else None
     if class_path is None:
         raise CohortError(f"{path}: not a medrec checkpoint (no {MODEL_CLASS_KEY})")
     module, _, name = class_path.rpartition(".")
-    model_class = getattr(importlib.import_module(module), name)
+    if not module.startswith("lightning_modules."):  # importing another module could run its code
+        raise CohortError(f"{path}: names model class {class_path!r}, which is not a medrec model")
+    model_class = getattr(importlib.import_module(module), name, None)
+    if not isinstance(model_class, type):
+        raise CohortError(f"{path}: names model class {class_path!r}, which this medrec does not have")
     if kind is not None and not issubclass(model_class, kind):
         raise CohortError(f"{path}: a {name} checkpoint, where a {kind.__name__} checkpoint is needed")
     return model_class.from_checkpoint(path, map_location=map_location)

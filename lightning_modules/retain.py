@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.visit_ops import embed_codes, previous_visit
 
@@ -23,7 +24,9 @@ class RETAIN(MedRecModule):
     one GRU call, so a batch costs two GRU passes regardless of how many visits it holds.
     """
 
-    def __init__(self, *args, embedding_dim: int = 64, hidden_dim: int = 64, dropout: float = 0.5, **kwargs):
+    def __init__(
+        self, *args, embedding_dim: PositiveInt = 64, hidden_dim: PositiveInt = 64, dropout: DropoutRate = 0.5, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         k = self.knowledge
         self.diag_embedding = nn.Embedding(k.num_diagnoses, embedding_dim)

@@ -19,6 +19,7 @@ from torch_geometric.nn import MessagePassing, global_add_pool, global_mean_pool
 from torch_geometric.utils import scatter, spmm, to_torch_csr_tensor
 
 from datamodules.molecules import molecule_graphs, require_molecules, substructure_mask
+from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
 from lightning_modules.visit_ops import margin_targets
@@ -132,8 +133,8 @@ class SafeDrug(MedRecModule):
     def __init__(
         self,
         *args,
-        embedding_dim: int = 64,
-        dropout: float = 0.5,
+        embedding_dim: PositiveInt = 64,
+        dropout: DropoutRate = 0.5,
         mpnn_layers: int = 2,
         fingerprint_radius: int = 2,
         add_hydrogens: bool = True,
