@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.epoch_timer import EpochTimer  # noqa: E402
+from datamodules.errors import run_reporting_errors  # noqa: E402
 from train import make_cli  # noqa: E402
 
 METRICS = ("jaccard", "f1", "prauc", "precision", "recall", "rocauc", "ddi_rate", "avg_drugs")
@@ -120,5 +121,11 @@ def table_row(results: dict) -> str:
     )
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``run`` with medrec's error contract: a bad option, data folder or checkpoint is one
+    ``benchmarks/run.py: error: ...`` line and exit code 2 (``MEDREC_DEBUG=1``: the traceback)."""
+    run_reporting_errors("benchmarks/run.py", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    run()
+    main()

@@ -123,6 +123,10 @@ def _ignore(*args: Any) -> None:
     return None
 
 
+def _inert_getattr(owner: Any, name: Any, *default: Any) -> Any:
+    return default[0] if default else Placeholder()
+
+
 class _ModuleName:
     """dill's ``_import_module(name)``: only the name is kept; nothing is imported."""
 
@@ -169,10 +173,14 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module in DILL_MODULES:
             return self._dill_function(name)
-        if (module, name) == ("__builtin__", "__main__"):
-            return Placeholder()  # dill's reference to the writer's __main__ globals
+        if (module, name) == ("__builtin__", "__main__") or name == "__dict__":
+            return Placeholder()  # dill's reference to the globals of stored functions: never read
         if (_PY2_MODULES.get(module, module), name) == ("builtins", "setattr"):
             return _ignore  # dill names a stored class after building it; the stand-in keeps its own
+        if (_PY2_MODULES.get(module, module), name) == ("builtins", "getattr"):
+            # dill: getattr(dill._dill, '_setattr', setattr) for closure cells; a real getattr
+            # would reach any object's internals (a function's __globals__), so none is given out
+            return _inert_getattr
         if name in VOCABULARY_CLASSES:
             return _stand_in_class(name)
         module = _PY2_MODULES.get(module, module)

@@ -10,7 +10,6 @@ file. A second run with unchanged inputs and options reuses the folder (``--forc
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import fields
 from typing import Literal
@@ -18,6 +17,7 @@ from typing import Literal
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.cohort import CohortError
+from datamodules.errors import MedRecError, OptionError, run_reporting_errors
 from datamodules.mimic.etl import EtlOptions, prepare, read_etl_report
 
 
@@ -43,18 +43,27 @@ def make_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """A bad option, table or output folder is one ``medrec-prepare: error: ...`` line, exit code 2
+    (``MEDREC_DEBUG=1``: the traceback instead)."""
+    run_reporting_errors("medrec-prepare", lambda: _prepare(argv))
+
+
+def _prepare(argv: list[str] | None) -> None:
     parser = make_parser()
+    parser.exit_on_error = False  # main() prints a bad option as one line
     args = parser.parse_args(argv)
-    options = EtlOptions(**{f.name: args[f.name] for f in fields(EtlOptions)})
+    try:
+        options = EtlOptions(**{f.name: args[f.name] for f in fields(EtlOptions)})
+    except ValueError as err:  # EtlOptions' own range checks
+        raise OptionError(str(err)) from None
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:
         cohort, folder = prepare(
             args.root, args.source, options, out=args.out, cache_dir=args.cache_dir, force=args.force
         )
-    except (CohortError, ValueError) as err:
-        print(f"medrec-prepare: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except ValueError as err:  # the ETL's checks of its inputs (CohortError is one)
+        raise err if isinstance(err, MedRecError) else CohortError(str(err)) from None
     if not args.quiet:
         report = read_etl_report(folder)
         print(format_report(report))
