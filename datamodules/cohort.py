@@ -45,6 +45,11 @@ VISIT_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 RELATIONS = ("none", "synergy", "antagonism", "unknown")
 """Drug-relation labels; DPR's codes are none=0, synergy=1, antagonism=2, unknown=-1."""
 RELATION_CODES = {"none": 0, "synergy": 1, "antagonism": 2, "unknown": -1}
+DIRECTIONS = ("both", "a->b")
+GENDERS = ("F", "M")
+"""``gender`` values; missing (None/NaN) means unknown."""
+PLAUSIBLE = {"age": (0.0, 150.0, "years"), "los": (0.0, 3650.0, "days")}
+"""Finite ranges of the numeric visit fields (missing values mean unknown)."""
 
 
 class CohortError(MedRecError):
@@ -68,7 +73,10 @@ class Cohort:
     def __post_init__(self) -> None:
         for name in CODE_FIELDS:
             self.vocab.setdefault(name, [])
-        self.visits = self.visits.sort_values(["patient_id", "visit_order"], kind="stable").reset_index(drop=True)
+        try:
+            self.visits = self.visits.sort_values(["patient_id", "visit_order"], kind="stable").reset_index(drop=True)
+        except (TypeError, KeyError):  # mixed or missing columns: validate() names the problem
+            pass
 
     # --- descriptive -------------------------------------------------------------------
     @property
@@ -124,7 +132,8 @@ class Cohort:
 
     # --- validation --------------------------------------------------------------------
     def validate(self, where: str = "cohort") -> Cohort:
-        """Raise CohortError naming the first inconsistency found."""
+        """Check every file's schema (module docstring); raise CohortError naming the file, the
+        column, an example row and the rule of the first violation found."""
         missing = [c for c in REQUIRED_COLUMNS if c not in self.visits.columns]
         if missing:
             raise CohortError(f"{where}: visits lack required column(s) {missing}")
@@ -133,29 +142,83 @@ class Cohort:
             raise CohortError(f"{where}: visits have unknown column(s) {unknown}; allowed: {list(VISIT_COLUMNS)}")
         if self.visits.empty:
             raise CohortError(f"{where}: no visits")
-        if self.visits["visit_id"].duplicated().any():
-            dup = self.visits.loc[self.visits["visit_id"].duplicated(), "visit_id"].iloc[0]
+        _check_vocabularies(self.vocab, self.medication_names, where)
+        visits = self.visits
+        for col in ("patient_id", "visit_id", "visit_order"):
+            _fail_where(visits, visits[col].isna(), where, col, "must not be empty (null)")
+        if visits["visit_id"].duplicated().any():
+            dup = visits.loc[visits["visit_id"].duplicated(), "visit_id"].iloc[0]
             raise CohortError(f"{where}: visit_id {dup!r} occurs more than once")
+        order = visits["visit_order"]
+        if not pd.api.types.is_integer_dtype(order):
+            if pd.api.types.is_float_dtype(order):
+                bad = order != order.round()
+            else:  # text sorts '10' before '2'
+                bad = ~order.map(lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool))
+            _fail_where(visits, bad, where, "visit_order", "must be an integer (not text or a fraction)")
+        _fail_where(
+            visits,
+            visits.duplicated(["patient_id", "visit_order"]),
+            where,
+            "visit_order",
+            "must be unique within a patient (two visits of the patient have this order)",
+        )
         for name, col in CODE_COLUMNS.items():
-            if col not in self.visits.columns:
+            if col in visits.columns:
+                _check_code_column(visits, col, name, self.vocab_size(name), where)
+        for col, (low, high, unit) in PLAUSIBLE.items():
+            if col not in visits.columns:
                 continue
-            lengths = self.visits[col].map(len).to_numpy()
-            if lengths.sum() == 0:
-                continue
-            flat = np.concatenate([np.asarray(v, dtype=np.int64) for v in self.visits[col]])
-            size = self.vocab_size(name)
-            bad = (flat < 0) | (flat >= size)
+            values = visits[col]
+            if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+                number = values.map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
+                _fail_where(visits, values.notna() & ~number, where, col, f"must be a number of {unit}, not text")
+            values = values.astype(float)
+            rule = f"must be finite and within [{low:g}, {high:g}] {unit} (missing = unknown)"
+            if col == "los":
+                _fail_where(visits, values < 0, where, col, f"negative length of stay; {rule}")
+            _fail_where(visits, values.notna() & ~values.between(low, high), where, col, rule)
+        if "gender" in visits.columns:
+            gender = visits["gender"]
+            _fail_where(visits, gender.notna() & ~gender.isin(GENDERS), where, "gender", f"must be one of {GENDERS}")
+        self._check_knowledge(where)
+        return self
+
+    def _check_knowledge(self, where: str) -> None:
+        """DDI pairs, relations and molecules refer to medication codes of the vocabulary."""
+        meds = set(self.vocab["medication"])
+        for i, pair in enumerate(self.ddi_pairs):
+            outside = [code for code in pair if code not in meds]
+            if len(pair) != 2 or outside:
+                raise CohortError(
+                    f"{where}: ddi.csv row {i} {tuple(pair)!r}: code {outside[0] if outside else pair!r} is not in "
+                    f"the medication vocabulary ({len(meds)} codes); DDI pairs must name medication codes"
+                )
+        relations = self.relations
+        for col, allowed in (("relation", RELATIONS), ("direction", DIRECTIONS)):
+            bad = ~relations[col].isin(allowed)
+            if bad.any():
+                row = relations[bad].iloc[0]
+                label = "unknown drug relation(s)" if col == "relation" else "unknown direction(s)"
+                raise CohortError(
+                    f"{where}: drug_relations.csv column {col!r}, row {relations.index[bad][0]} "
+                    f"({row['drug_a']}, {row['drug_b']}): {label} {sorted(set(relations.loc[bad, col]))}; "
+                    f"allowed {allowed}"
+                )
+        for col in ("drug_a", "drug_b"):
+            bad = ~relations[col].isin(meds)
             if bad.any():
                 raise CohortError(
-                    f"{where}: column {col!r} holds index {int(flat[bad][0])} outside the "
-                    f"{name} vocabulary of size {size}"
+                    f"{where}: drug_relations.csv column {col!r}, row {relations.index[bad][0]}: code "
+                    f"{relations.loc[bad, col].iloc[0]!r} is not in the medication vocabulary"
                 )
-        bad_rel = set(self.relations["relation"]) - set(RELATIONS)
-        if bad_rel:
-            raise CohortError(f"{where}: unknown drug relation(s) {sorted(bad_rel)}; allowed {RELATIONS}")
-        if "los" in self.visits.columns and (self.visits["los"].dropna() < 0).any():
-            raise CohortError(f"{where}: negative length of stay")
-        return self
+        if not isinstance(self.smiles, dict):
+            raise CohortError(f"{where}: smiles.json must be an object {{medication code: [SMILES, ...]}}")
+        for code, molecules in self.smiles.items():
+            if not isinstance(molecules, (list, tuple)) or not all(isinstance(m, str) for m in molecules):
+                raise CohortError(
+                    f"{where}: smiles.json entry {code!r} must be a list of SMILES strings, got {molecules!r:.80}"
+                )
 
     def require(self, *names: str, by: str = "this model") -> None:
         """Raise a clear error if optional visit fields a model needs are absent."""
@@ -202,27 +265,25 @@ class Cohort:
         folder = Path(folder)
         if not (folder / "cohort.json").is_file():
             raise CohortError(f"{folder}: not a cohort folder (no cohort.json)")
-        try:
-            meta = json.loads((folder / "cohort.json").read_text())
-        except json.JSONDecodeError as err:
-            raise CohortError(f"{folder / 'cohort.json'}: corrupt JSON ({err})") from None
+        meta = _read_json(folder / "cohort.json", "corrupt JSON")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CohortError(
                 f"{folder}: cohort format version {meta.get('format_version')!r}, this medrec reads "
                 f"{FORMAT_VERSION}; re-create the cohort"
             )
-        for name in ("visits.parquet", "vocab.json"):
+        for name in ("visits.parquet", "vocab.json", "ddi.csv"):  # every medrec writer writes these
             if not (folder / name).is_file():
                 raise CohortError(f"{folder}: cohort file {name} is missing")
         try:
             visits = pd.read_parquet(folder / "visits.parquet")
         except Exception as err:  # pyarrow raises several types for damaged files
             raise CohortError(f"{folder / 'visits.parquet'}: cannot be read ({err})") from None
-        try:
-            vocab = json.loads((folder / "vocab.json").read_text())
-            smiles = json.loads((folder / "smiles.json").read_text()) if (folder / "smiles.json").exists() else {}
-        except json.JSONDecodeError as err:
-            raise CohortError(f"{folder}: corrupt JSON knowledge file ({err})") from None
+        vocab = _read_json(folder / "vocab.json", "corrupt JSON knowledge file")
+        smiles = (
+            _read_json(folder / "smiles.json", "corrupt JSON knowledge file")
+            if (folder / "smiles.json").exists()
+            else {}
+        )
         names = vocab.pop("medication_names", None)
         ddi = _read_csv(folder / "ddi.csv", ["drug_a", "drug_b"])
         relations = _read_csv(folder / "drug_relations.csv", ["drug_a", "drug_b", "relation", "direction"])
@@ -236,6 +297,89 @@ class Cohort:
             source=meta.get("source", "cohort"),
         )
         return cohort.validate(where=str(folder))
+
+
+def _read_json(path: Path, damaged: str) -> dict:
+    """A cohort JSON file, which is always an object ({...})."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CohortError(f"{path}: {damaged} ({err})") from None
+    if not isinstance(value, dict):
+        raise CohortError(f"{path}: must be a JSON object {{...}}, got a JSON {type(value).__name__}")
+    return value
+
+
+def _fail_where(visits: pd.DataFrame, bad: pd.Series, where: str, col: str, rule: str) -> None:
+    """Raise naming the column, the first offending row (and its visit) and the rule, if any row is bad."""
+    if not bad.any():
+        return
+    row = int(np.flatnonzero(bad.to_numpy())[0])
+    visit = visits["visit_id"].iloc[row] if "visit_id" in visits.columns else None
+    raise CohortError(
+        f"{where}: visits.parquet column {col!r}, row {row} (visit_id {visit!r}, {int(bad.sum())} row(s) in all): "
+        f"{rule}; got {visits[col].iloc[row]!r:.80}"
+    )
+
+
+def _check_code_column(visits: pd.DataFrame, col: str, name: str, size: int, where: str) -> None:
+    """Each value a list of integer indices into the ``name`` vocabulary (empty lists allowed)."""
+    rule = f"must be a list of integer indices into the {name} vocabulary (size {size})"
+    flat = []
+    for row, value in enumerate(visits[col]):
+        array = None
+        if value is not None and not isinstance(value, (str, bytes, dict)) and hasattr(value, "__len__"):
+            try:
+                array = np.asarray(value)
+            except Exception:  # ragged or odd objects: refused below
+                array = None
+        ok = array is not None and array.ndim == 1
+        if ok and array.size:
+            if array.dtype.kind == "f":
+                ok = bool(np.all(np.isfinite(array)) and np.all(array == np.round(array)))
+            else:
+                ok = array.dtype.kind in "iu"
+        if not ok:
+            _fail_where(visits, pd.Series(np.arange(len(visits)) == row), where, col, rule)
+        flat.append(array.astype(np.int64) if array.size else np.zeros(0, np.int64))
+    codes = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+    bad = (codes < 0) | (codes >= size)
+    if bad.any():
+        lengths = np.array([len(f) for f in flat])
+        row = int(np.searchsorted(np.cumsum(lengths), int(np.flatnonzero(bad)[0]), side="right"))
+        raise CohortError(
+            f"{where}: visits.parquet column {col!r}, row {row} (visit_id {visits['visit_id'].iloc[row]!r}): "
+            f"holds index {int(codes[bad][0])} outside the {name} vocabulary of size {size}"
+        )
+
+
+def _check_vocabularies(vocab: dict, names: list | None, where: str) -> None:
+    """vocab.json: lists of unique code strings; medication_names as long as the medications."""
+    if not isinstance(vocab, dict):
+        raise CohortError(f"{where}: vocab.json must be an object {{vocabulary: [codes]}}")
+    for name, codes in vocab.items():
+        if not isinstance(codes, list) or not all(isinstance(c, str) for c in codes):
+            example = codes if not isinstance(codes, list) else next(c for c in codes if not isinstance(c, str))
+            raise CohortError(
+                f"{where}: vocab.json vocabulary {name!r} must be a list of code strings; got {example!r:.80}"
+            )
+        if len(set(codes)) != len(codes):
+            seen: set[str] = set()
+            dup = next(c for c in codes if c in seen or seen.add(c))
+            raise CohortError(
+                f"{where}: vocab.json vocabulary {name!r} lists code {dup!r} more than once; codes must be unique"
+            )
+    if names is not None:
+        meds = vocab.get("medication", [])
+        if not isinstance(names, list) or len(names) != len(meds):
+            length = len(names) if isinstance(names, list) else type(names).__name__
+            raise CohortError(
+                f"{where}: vocab.json medication_names has {length} entries, the medication vocabulary "
+                f"{len(meds)}; one name per medication code"
+            )
+        bad = next((n for n in names if not isinstance(n, str) and n is not None), None)
+        if bad is not None:
+            raise CohortError(f"{where}: vocab.json medication_names must be strings; got {bad!r:.80}")
 
 
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
