@@ -318,8 +318,14 @@ def _fail_where(visits: pd.DataFrame, bad: pd.Series, where: str, col: str, rule
     visit = visits["visit_id"].iloc[row] if "visit_id" in visits.columns else None
     raise CohortError(
         f"{where}: visits.parquet column {col!r}, row {row} (visit_id {visit!r}, {int(bad.sum())} row(s) in all): "
-        f"{rule}; got {visits[col].iloc[row]!r:.80}"
+        f"{rule}; got {_shown(visits[col].iloc[row])}"
     )
+
+
+def _shown(value) -> str:
+    """A stored value as the user wrote it (numpy scalars as Python ones), at most 80 characters."""
+    value = value.item() if isinstance(value, np.generic) else value
+    return f"{value!r:.80}"
 
 
 def _check_code_column(visits: pd.DataFrame, col: str, name: str, size: int, where: str) -> None:
