@@ -18,10 +18,14 @@ pandas; JSON/CSV keep the small knowledge files readable by hand.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,11 +234,18 @@ class Cohort:
             )
 
     # --- disk --------------------------------------------------------------------------
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write atomically: a half-written cohort never appears under ``folder``."""
+    def save(self, folder: str | os.PathLike, force: bool = False) -> Path:
+        """Write atomically: a half-written cohort never appears under ``folder``.
+
+        An existing ``folder`` is replaced only when it is empty or holds a cohort medrec wrote
+        (its files alone) from the same source; ``force=True`` replaces anything. Staging folders
+        that killed runs left next to ``folder`` are removed first.
+        """
         folder = Path(folder)
+        check_replaceable(folder, source=self.source, force=force)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        remove_stale_staging(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(folder), dir=folder.parent))
         try:
             visits = self.visits.copy()
             for col in CODE_COLUMNS.values():
@@ -252,17 +263,37 @@ class Cohort:
             )
             meta = {"format_version": FORMAT_VERSION, "source": self.source, **self.summary()}
             (tmp / "cohort.json").write_text(json.dumps(meta, indent=1))
+            os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700: a shared cache must stay readable
+            # swap by two renames (readers that meet the short gap wait: see load), then delete
+            old = folder.parent / f"{tmp.name}-old"
             if folder.exists():
-                shutil.rmtree(folder)
+                folder.rename(old)
             tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> Cohort:
+    def load(cls, folder: str | os.PathLike, wait_s: float = 30.0) -> Cohort:
+        """Read and validate a cohort folder; while another process replaces it (its staging folder
+        exists), a read that meets missing files waits for the writer, up to ``wait_s``."""
         folder = Path(folder)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return cls._load_once(folder)
+            except (CohortError, OSError) as err:
+                vanished = isinstance(err, OSError) or "missing" in str(err) or "not a cohort folder" in str(err)
+                if not (vanished and time.monotonic() < deadline and writer_active(folder)):
+                    if isinstance(err, OSError):
+                        raise CohortError(f"{folder}: cannot be read ({err})") from None
+                    raise
+                time.sleep(0.05)
+
+    @classmethod
+    def _load_once(cls, folder: Path) -> Cohort:
         if not (folder / "cohort.json").is_file():
             raise CohortError(f"{folder}: not a cohort folder (no cohort.json)")
         meta = _read_json(folder / "cohort.json", "corrupt JSON")
@@ -399,6 +430,98 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     if missing:
         raise CohortError(f"{path}: missing column(s) {missing}")
     return frame[columns]
+
+
+COHORT_FILES = ("cohort.json", "visits.parquet", "vocab.json", "ddi.csv", "smiles.json", "drug_relations.csv")
+"""What ``Cohort.save`` writes; a folder holding anything else was not (only) written by medrec."""
+
+
+def check_replaceable(
+    target: str | os.PathLike, source: str | None = None, extra_files: tuple[str, ...] = (), force: bool = False
+) -> None:
+    """Refuse to replace ``target`` unless it is missing, empty, or a cohort medrec wrote from
+    ``source`` holding only medrec's files (``COHORT_FILES`` + ``extra_files``); ``force`` allows
+    anything but a file."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise CohortError(f"{target} exists and is not a folder; refusing to replace it")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries or force:
+        return
+    hint = "move it away or pass --force (force=True) to replace it"
+    if "cohort.json" not in entries:
+        raise CohortError(f"{target} exists and is not a cohort folder; refusing to replace it ({hint})")
+    foreign = [name for name in entries if name not in COHORT_FILES + tuple(extra_files)]
+    if foreign:
+        raise CohortError(
+            f"{target} holds file(s) medrec did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); refusing to replace it ({hint})"
+        )
+    if source is not None:
+        try:
+            written = json.loads((target / "cohort.json").read_text()).get("source")
+        except (OSError, ValueError, AttributeError):
+            written = None
+        if written != source:
+            raise CohortError(
+                f"{target} holds a cohort of another source ({written!r}, this one is {source!r}); "
+                f"refusing to replace it ({hint})"
+            )
+
+
+def staging_prefix(folder: Path) -> str:
+    """Staging folders name their writer, so a later run can tell a dead writer's leftovers."""
+    return f".{folder.name}.staging-{socket.gethostname()}-{os.getpid()}."
+
+
+def writer_active(folder: Path) -> bool:
+    """Another live process is writing ``folder`` right now (its staging folder exists)."""
+    return any(not stale for _, stale in _staging_folders(folder))
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Delete the staging folders of ``folder`` that killed writers left (see ``_staging_folders``)."""
+    removed = []
+    for path, stale in _staging_folders(folder):
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _staging_folders(folder: Path, max_age_s: float = 86_400.0):
+    """(path, stale) of each staging folder of ``folder``: stale when its writer (this host) is
+    dead, or - for a writer on another host - when it is older than a day."""
+    if not folder.parent.is_dir():
+        return
+    host = socket.gethostname()
+    for path in folder.parent.glob(f".{glob.escape(folder.name)}.staging-*"):
+        match = re.fullmatch(rf"\.{re.escape(folder.name)}\.staging-(.+)-(\d+)\.[^.]*", path.name)
+        if match is None:
+            continue
+        try:
+            old = time.time() - path.stat().st_mtime > max_age_s
+        except OSError:  # removed meanwhile
+            continue
+        yield path, (match.group(1) == host and not _alive(int(match.group(2)))) or old
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def is_cohort_folder(folder: str | os.PathLike) -> bool:

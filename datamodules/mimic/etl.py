@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules.cohort import FORMAT_VERSION, Cohort, CohortError
+from datamodules.cohort import check_replaceable as check_cohort_replaceable
 from datamodules.mimic import drug_knowledge, mappings
 from datamodules.mimic.tables import (
     LAYOUTS,
@@ -206,7 +207,7 @@ def prepare(
         cohort = Cohort.load(target)
         log.info("loaded cached %s cohort %s in %.1f s", layout, target, time.perf_counter() - started)
         return cohort, target
-    check_replaceable(target)
+    check_replaceable(target, source=f"{layout}:{root.name}", force=force)  # before the work
     cohort, report = build_cohort(root, layout, options)
     meta = {
         "etl_version": ETL_VERSION,
@@ -217,7 +218,7 @@ def prepare(
         "inputs": inputs,
         "report": report,
     }
-    write_cohort_atomically(cohort, meta, target)
+    write_cohort_atomically(cohort, meta, target, force=force)
     log.info("wrote %s cohort %s (%s)", layout, target, cohort.summary())
     return cohort, target
 
@@ -276,15 +277,14 @@ def is_current(folder: Path, key: str) -> bool:
     )
 
 
-def check_replaceable(target: Path) -> None:
-    """Only a cohort folder (or an empty one) may be replaced by a new cohort."""
-    if target.exists() and not (target.is_dir() and ((target / "cohort.json").is_file() or not any(target.iterdir()))):
-        raise CohortError(f"{target} exists and is not a cohort folder; refusing to replace it")
+def check_replaceable(target: Path, source: str | None = None, force: bool = False) -> None:
+    """Only an empty folder or a cohort this ETL wrote (from ``source``) may be replaced; ``force``: any."""
+    check_cohort_replaceable(target, source=source, extra_files=(ETL_FILE,), force=force)
 
 
-def write_cohort_atomically(cohort: Cohort, meta: dict, target: Path) -> Path:
+def write_cohort_atomically(cohort: Cohort, meta: dict, target: Path, force: bool = False) -> Path:
     """Cohort files and ``etl.json`` appear under ``target`` together or not at all."""
-    check_replaceable(target)
+    check_replaceable(target, source=cohort.source, force=force)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.etl-", dir=target.parent))
     try:
