@@ -9,6 +9,7 @@ rec.recommend([{"diagnoses": ["4019", "42731"], "procedures": ["3893"], "medicat
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import warnings
 from typing import Literal
@@ -62,6 +63,35 @@ class UnknownCodeError(CohortError):
     """A code given to the recommender is outside the model's vocabulary."""
 
 
+class VisitInputError(CohortError):
+    """Visits given to ``Recommender.recommend`` that do not have the documented shape."""
+
+
+VISIT_KEYS = {"diagnoses", "procedures", "medications", "labs", "age", "los", "gender"}
+
+
+def check_visits(visits) -> None:
+    """Raise VisitInputError naming the visit, the key and the rule of the first malformed part."""
+    if not isinstance(visits, (list, tuple)):
+        raise VisitInputError(f"visits must be a list of visit dicts, got a {type(visits).__name__}")
+    for t, visit in enumerate(visits):
+        if not isinstance(visit, dict):
+            raise VisitInputError(f"visit {t} must be a dict of codes (keys {sorted(VISIT_KEYS)}), got {visit!r:.60}")
+        for key, value in visit.items():
+            if key not in VISIT_KEYS:
+                close = difflib.get_close_matches(str(key), VISIT_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(VISIT_KEYS)}"
+                raise VisitInputError(f"visit {t} has unknown key {key!r}{hint}")
+            if key in ("diagnoses", "procedures", "medications", "labs"):
+                if not isinstance(value, (list, tuple, set)) or not all(isinstance(c, str) for c in value):
+                    raise VisitInputError(f"visit {t} {key!r} must be a list of code strings, got {value!r:.60}")
+            elif key in ("age", "los"):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):
+                    raise VisitInputError(f"visit {t} {key!r} must be a number or None, got {value!r:.60}")
+            elif value not in (*GENDER_CODES, None):
+                raise VisitInputError(f"visit {t} 'gender' must be {sorted(GENDER_CODES)} or None, got {value!r}")
+
+
 class Recommender:
     """Wraps a trained MedRecModule to recommend drugs for one patient's visit history."""
 
@@ -94,7 +124,8 @@ class Recommender:
         ``medications`` (code strings); optional ``labs``, ``age``, ``los``, ``gender``.
         """
         if not visits:
-            raise ValueError("recommend() needs at least one visit")
+            raise VisitInputError("recommend() needs at least one visit")
+        check_visits(visits)
         if on_unknown not in ("error", "ignore"):
             raise ValueError(f"on_unknown must be 'error' or 'ignore', got {on_unknown!r}")
         sample = {"patient_index": 0, "visit_ids": list(range(len(visits)))}

@@ -225,3 +225,31 @@ def test_unreadable_checkpoint_is_one_checkpoint_error(tmp_path, checkpoint, con
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=rf"bad\.ckpt: .*{message}"):
         Recommender.from_checkpoint(str(path))
+
+
+# --- the Python API's input ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "visits, message",
+    [
+        (
+            [{"diagnosis": ["a"], "procedures": ["x"]}],
+            r"visit 0 has unknown key 'diagnosis'; did you mean 'diagnoses'\?",
+        ),
+        ({"diagnoses": ["a"]}, "visits must be a list of visit dicts, got a dict"),
+        ("a, x", "visits must be a list of visit dicts, got a str"),
+        (["a"], "visit 0 must be a dict of codes"),
+        ([{"diagnoses": None}], "visit 0 'diagnoses' must be a list of code strings, got None"),
+        ([{"diagnoses": "a"}], "visit 0 'diagnoses' must be a list of code strings, got 'a'"),
+        ([{"diagnoses": ["a", None]}], r"visit 0 'diagnoses' must be a list of code strings, got \['a', None\]"),
+        ([{"diagnoses": ["a"], "age": "sixty"}], "visit 0 'age' must be a number or None, got 'sixty'"),
+        ([{"diagnoses": ["a"], "gender": "female"}], r"visit 0 'gender' must be \['F', 'M'\] or None, got 'female'"),
+    ],
+    ids=["misspelt-key", "dict", "str", "visit-str", "codes-none", "codes-str", "code-none", "age-text", "gender"],
+)
+def test_recommend_refuses_malformed_visits(checkpoint, visits, message):
+    from lightning_modules.recommend import Recommender, VisitInputError
+
+    rec = Recommender.from_checkpoint(str(checkpoint[0]))
+    with pytest.raises(VisitInputError, match=message) as info:
+        rec.recommend(visits)
+    assert isinstance(info.value, MedRecError)
