@@ -655,12 +655,15 @@ class _Etl:
             code = f"CASE WHEN {code} IS NOT NULL THEN {token} END"
         self.sql(
             f"""CREATE TEMP TABLE {name}_raw AS
-            SELECT subject_id, hadm_id, token, count(*) AS n FROM (
-                SELECT {BIGINT.format(s)} AS subject_id, {BIGINT.format(h)} AS hadm_id, {code} AS token
+            SELECT subject_id, hadm_id, token, bad_subject_id, bad_hadm_id, count(*) AS n FROM (
+                SELECT {BIGINT.format(s)} AS subject_id, {BIGINT.format(h)} AS hadm_id, {code} AS token,
+                       {_bad(s, BIGINT.format(s))} AS bad_subject_id, {_bad(h, BIGINT.format(h))} AS bad_hadm_id
                 FROM {t.scan()} {join})
             GROUP BY ALL"""
         )
         self.require_rows(t, f"{name}_raw")
+        for column in ("subject_id", "hadm_id"):  # a malformed id is an error, not a silently dropped row
+            self.check_parsed(t, f"{name}_raw", column, "integer id")
         unusable = "token IS NULL OR hadm_id IS NULL OR subject_id IS NULL"
         dropped = int(self.scalar(f"SELECT coalesce(sum(n), 0) FROM {name}_raw WHERE {unusable}"))
         self.table_stats(name, t, f"{name}_raw", rows_without_code_or_ids=dropped)

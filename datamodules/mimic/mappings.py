@@ -88,6 +88,8 @@ def read_ndc2rxcui(path: Path) -> pd.DataFrame:
         raise CohortError(f"{path}: not a Python dict literal of NDC -> RXCUI ({type(err).__name__})") from None
     if not isinstance(mapping, dict):
         raise CohortError(f"{path}: expected a dict literal NDC -> RXCUI, got {type(mapping).__name__}")
+    if not mapping:
+        raise CohortError(f"{path}: the NDC -> RXCUI dict is empty ({{}}); no prescription could be mapped")
     frame = pd.DataFrame({"ndc": list(map(str, mapping)), "rxcui": [str(v).strip() for v in mapping.values()]})
     frame["ndc"] = normalise_ndc(frame["ndc"])
     frame["rxcui"] = frame["rxcui"].str.replace(r"\.0$", "", regex=True)

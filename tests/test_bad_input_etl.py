@@ -1,0 +1,53 @@
+"""Hardening (issue 23), ETL cases: malformed raw rows and mapping files stop ``medrec-prepare``
+with one ``medrec-prepare: error:`` line naming the file (exit code 2), and write nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from datamodules.mimic.cli import main as prepare_main
+from datamodules.synthetic import SyntheticSpec, generate_synthetic_cohort
+from datamodules.synthetic_raw import RawSpec, write_raw_mimic
+
+
+@pytest.fixture(scope="module")
+def small_cohort():
+    return generate_synthetic_cohort(SyntheticSpec(patients=40, seed=5))
+
+
+@pytest.fixture()
+def raw(small_cohort, tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDREC_MAPPINGS", raising=False)
+    return Path(write_raw_mimic(small_cohort, tmp_path / "raw", RawSpec(layout="mimic3", compress=False)).folder)
+
+
+def prepare_fails(raw: Path, out: Path, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        prepare_main([str(raw), "--out", str(out), "--min_admissions", "1", "--quiet", "true"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert not out.exists()
+    return lines[0]
+
+
+def test_diagnosis_row_with_a_malformed_hadm_id(raw, tmp_path, capsys):
+    path = raw / "DIAGNOSES_ICD.csv"
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.loc[3, "HADM_ID"] = "abc"
+    frame.to_csv(path, index=False)
+    line = prepare_fails(raw, tmp_path / "out", capsys)
+    assert line == f"medrec-prepare: error: {path}: column 'HADM_ID' has 1 unparseable integer id value(s), e.g. 'abc'"
+
+
+def test_empty_ndc2rxcui_mapping(raw, tmp_path, capsys):
+    path = raw / "mappings" / "ndc2RXCUI.txt"
+    path.write_text("{}\n")
+    line = prepare_fails(raw, tmp_path / "out", capsys)
+    assert (
+        line == f"medrec-prepare: error: {path}: the NDC -> RXCUI dict is empty ({{}}); no prescription could be mapped"
+    )
