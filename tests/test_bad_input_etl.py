@@ -51,3 +51,35 @@ def test_empty_ndc2rxcui_mapping(raw, tmp_path, capsys):
     assert (
         line == f"medrec-prepare: error: {path}: the NDC -> RXCUI dict is empty ({{}}); no prescription could be mapped"
     )
+
+
+def test_spill_folder_of_a_killed_etl_is_removed(raw, tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from datamodules.mimic.etl import build_cohort
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    leftover = tmp_path / f".medrec-duckdb.staging-{socket.gethostname()}-{dead}.x1y2"
+    leftover.mkdir()
+    (leftover / "duckdb_temp_storage-0.tmp").write_bytes(b"0" * 1000)
+    build_cohort(raw, "mimic3")
+    assert not leftover.exists()
+    assert not list(tmp_path.glob(".medrec-duckdb.*"))  # its own spill folder is gone too
+
+
+def test_staging_folder_of_a_killed_prepare_is_removed(raw, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    leftover = tmp_path / f".out.staging-{socket.gethostname()}-{dead}.abcd"
+    (leftover / "cohort").mkdir(parents=True)
+    (leftover / "cohort" / "visits.parquet").write_bytes(b"0" * 2_300_000)
+    prepare_main([str(raw), "--out", str(tmp_path / "out"), "--min_admissions", "1", "--quiet", "true"])
+    assert not leftover.exists() and (tmp_path / "out" / "cohort.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -59,7 +59,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from datamodules.cohort import FORMAT_VERSION, Cohort, CohortError
+from datamodules.cohort import FORMAT_VERSION, Cohort, CohortError, remove_stale_staging, staging_prefix
 from datamodules.cohort import check_replaceable as check_cohort_replaceable
 from datamodules.mimic import drug_knowledge, mappings
 from datamodules.mimic.tables import (
@@ -286,7 +286,8 @@ def write_cohort_atomically(cohort: Cohort, meta: dict, target: Path, force: boo
     """Cohort files and ``etl.json`` appear under ``target`` together or not at all."""
     check_replaceable(target, source=cohort.source, force=force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.etl-", dir=target.parent))
+    remove_stale_staging(target)  # what killed runs left next to it
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
     try:
         built = cohort.save(staging / "cohort")
         (built / ETL_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -311,7 +312,9 @@ def build_cohort(root: str | os.PathLike, layout: Layout, options: EtlOptions | 
     """Run the ETL; returns the cohort and its report (counts after every step)."""
     options = options or EtlOptions()
     root = Path(root)
-    spill = Path(options.temp_dir) if options.temp_dir else Path(tempfile.mkdtemp(prefix="medrec-duckdb-"))
+    base = Path(tempfile.gettempdir()) / "medrec-duckdb"
+    remove_stale_staging(base)  # spill folders that killed runs left behind
+    spill = Path(options.temp_dir or tempfile.mkdtemp(prefix=staging_prefix(base), dir=base.parent))
     config = {"memory_limit": options.memory_limit, "preserve_insertion_order": False, "temp_directory": str(spill)}
     if options.threads:
         config["threads"] = options.threads
