@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 import lightning as L
+import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -25,6 +28,14 @@ class MedRecCLI(LightningCLI):
     """LightningCLI with medrec's wiring: data knowledge -> model, checkpoint/early stop on val Jaccard."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--threads",
+            type=PositiveInt | Literal["all"],
+            default=1,
+            help="CPU threads per process for torch's intra-op work: 1 (default; medrec's models are small and "
+            "one thread is never far from the best, while torch's all-core default is 15-40x slower on a busy "
+            "machine: benchmarks/cpu_threads.py), N, or 'all' (torch's default, every core)",
+        )
         # Vocabulary sizes and knowledge matrices come from the data, never from the config.
         parser.link_arguments("data.knowledge", "model.init_args.knowledge", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -43,12 +54,26 @@ class MedRecCLI(LightningCLI):
             }
         )
 
+    def before_instantiate_classes(self) -> None:
+        set_threads(self._config_value("threads"))
+
+    def _config_value(self, key: str):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        return config.get(key)
+
     def after_fit(self) -> None:
         """Record the best checkpoint's validation figure with the logger (W&B run summary)."""
         callback = self.trainer.checkpoint_callback
         if self.trainer.logger is not None and callback is not None and callback.best_model_score is not None:
             self.trainer.logger.log_metrics({f"best_{callback.monitor}": float(callback.best_model_score)})
             self.trainer.logger.save()
+
+
+def set_threads(threads: int | str | None) -> None:
+    """Apply the ``--threads`` policy to this process (DataLoader workers keep torch's own default of 1)."""
+    if threads in (None, "all"):
+        return
+    torch.set_num_threads(int(threads))
 
 
 def make_cli(args=None, run: bool = True) -> MedRecCLI:
