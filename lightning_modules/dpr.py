@@ -193,6 +193,11 @@ class DPR(PackageRecModule):
 
     # settings that change the parameters' shapes or meaning: a checkpoint loads only into their values
     ARCHITECTURE_SETTINGS = ("message_passing",)
+    EVALUATION_SETTINGS = (
+        *PackageRecModule.EVALUATION_SETTINGS,
+        "generation",
+        *(f"heuristic_{k}" for k in ("high", "low", "rare", "unpopular", "frequent", "seldom")),
+    )
 
     @classmethod
     def settings_of_older_checkpoints(cls, saved: dict) -> dict:
