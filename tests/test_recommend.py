@@ -21,9 +21,10 @@ from test_benchmark import Voc, write_fake_benchmark
 from callbacks.recommendation_writer import RecommendationWriter
 from datamodules.benchmark import read_benchmark
 from datamodules.cohort import Cohort
-from datamodules.knowledge import CohortKnowledge
+from datamodules.knowledge import CohortKnowledge, atc3_names
 from datamodules.package_graph import PackageGraphDataModule
 from datamodules.sources import resolve_cohort
+from datamodules.synthetic import load_molecule_table
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import RETAIN, Nearest
 from lightning_modules.dpr import DPRWG
@@ -277,6 +278,14 @@ def test_cohorts_and_checkpoints_without_names_get_atc3_names_at_load(tmp_path):
     other = tmp_path / "other"
     cohort.save(other)
     assert VisitSequenceDataModule(root=str(other)).knowledge.medication_names is None
+
+
+def test_atc3_name_table_is_well_formed_and_agrees_with_the_molecule_table():
+    names = atc3_names()
+    assert len(names) >= 144 and all(re.fullmatch(r"[A-Z][0-9]{2}[A-Z]", code) and names[code] for code in names)
+    molecules = load_molecule_table().drop_duplicates("atc3")
+    shipped = dict(zip(molecules["atc3"], molecules["class_name"]))
+    assert {code: names.get(code) for code in shipped} == shipped
 
 
 @pytest.mark.parametrize("name, size", [("mimic3-safedrug", 112), ("mimic3-safedrug131", 131)])
