@@ -21,7 +21,7 @@ from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge
 from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendation_metrics, summarize
 from lightning_modules.process_group import destroy_process_group_at_exit
-from lightning_modules.recommend import MODEL_CLASS_KEY, visit_record
+from lightning_modules.recommend import MODEL_CLASS_KEY, check_threshold, visit_record
 from lightning_modules.step_logging import log_step_and_epoch
 from lightning_modules.visit_ops import margin_targets
 
@@ -164,8 +164,11 @@ class MedRecModule(L.LightningModule):
         self.test_order.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
-        """One record per visit: ids, recommended drugs (codes, names, probabilities), DDI pairs."""
+        """One record per visit: ids, recommended drugs (codes, names, probabilities), DDI pairs,
+        and the drugs the visit recorded (the batch's target) with the Jaccard against them."""
+        threshold = check_threshold(self.threshold, "threshold (--model.init_args.threshold)")
         probs = self.predict_probabilities(batch).float().cpu()
+        recorded = batch["medications"].cpu()
         dataset = self._predict_dataset()
         records = []
         for b, t in batch["visit_mask"].nonzero().tolist():
@@ -175,7 +178,8 @@ class MedRecModule(L.LightningModule):
                 if dataset is not None
                 else {"patient_id": p_index, "visit_id": t}
             )
-            records.append({**ids, **visit_record(probs[b, t], self.threshold, self.knowledge)})
+            drugs = recorded[b, t].nonzero().flatten().tolist()
+            records.append({**ids, **visit_record(probs[b, t], threshold, self.knowledge, recorded=drugs)})
         return records
 
     def _predict_dataset(self):

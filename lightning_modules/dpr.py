@@ -340,6 +340,7 @@ class DPR(PackageRecModule):
         candidate = to_multi_hot(out["packages"][rows, out["candidate_choice"]], self.num_medications)
         heuristic = to_multi_hot(out["packages"][rows, out["heuristic_choice"]], self.num_medications)
         f1, candidate_f1 = set_f1(heuristic, truth).tolist(), set_f1(candidate, truth).tolist()
+        recorded = [drugs.nonzero().flatten().tolist() for drugs in truth.cpu()]
         dataset = self._predict_dataset()
         codes = self.knowledge.vocab["medication"]
         records = []
@@ -353,7 +354,7 @@ class DPR(PackageRecModule):
             records.append(
                 {
                     **ids,
-                    **visit_record(probs[n].float().cpu(), 0.5, self.knowledge),
+                    **visit_record(probs[n].float().cpu(), 0.5, self.knowledge, recorded=recorded[n]),
                     "source": ("S1", "S2", "S3")[int(out["heuristic_choice"][n]) // per_group],
                     "f1": round(f1[n], 4),
                     "candidate_drugs": [codes[d] for d in candidate[n].nonzero().flatten().tolist()],
