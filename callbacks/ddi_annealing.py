@@ -84,8 +84,9 @@ class DDIAnnealing(AttachedDDIControl):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         share = self.ddi_steps / self.steps if self.steps else 0.0
-        pl_module.log("ddi_temperature", self.temperature, rank_zero_only=True)
-        pl_module.log("ddi_loss_share", share, rank_zero_only=True)
+        # equal on every rank (the decision is taken on pooled counts); syncing only says so to Lightning
+        pl_module.log("ddi_temperature", self.temperature, sync_dist=True)
+        pl_module.log("ddi_loss_share", share, sync_dist=True)
 
     # --- checkpoint --------------------------------------------------------------------
     def state_dict(self) -> dict:

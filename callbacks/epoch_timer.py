@@ -31,7 +31,8 @@ class EpochTimer(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop(pl_module)
         if self.epoch_seconds:
-            pl_module.log("epoch_seconds", self.epoch_seconds[-1], rank_zero_only=True)
+            # every rank times its own epoch; the slowest one is the epoch's time
+            pl_module.log("epoch_seconds", self.epoch_seconds[-1], sync_dist=True, reduce_fx="max")
 
     def state_dict(self) -> dict:
         return {"epoch_seconds": self.epoch_seconds}

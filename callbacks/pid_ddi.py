@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from callbacks.ddi_control import AttachedDDIControl
+from lightning_modules.step_logging import log_step_and_epoch
 
 
 class PIDDDIController(AttachedDDIControl):
@@ -87,7 +88,7 @@ class PIDDDIController(AttachedDDIControl):
         state = {"pid_beta": self.beta, "pid_ddi_rate": self.ddi_rate, "pid_error": self.error}
         if self.ki > 0:
             state["pid_integral"] = self.integral
-        pl_module.log_dict(state, on_step=True, on_epoch=True, batch_size=1)
+        log_step_and_epoch(pl_module, state, batch_size=1)
 
     # --- checkpoint ----------------------------------------------------------------------
     def state_dict(self) -> dict:

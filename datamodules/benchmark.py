@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules.cohort import Cohort, CohortError
+from datamodules.knowledge import atc3_medication_names
 from datamodules.safe_pickle import load_pickle
 
 BENCHMARK_FILES = ("records_final.pkl", "voc_final.pkl", "ddi_A_final.pkl")
@@ -95,6 +96,8 @@ def read_benchmark(folder: str | Path) -> Cohort:
             [(meds[i], meds[j], "antagonism", "both") for i, j in zip(ii, jj)],
             columns=["drug_a", "drug_b", "relation", "direction"],
         ),
+        # The pickles carry ATC3 codes only; their WHO class names come from the shipped table.
+        medication_names=atc3_medication_names(meds),
         source=f"benchmark:{folder.name}",
     )
     return cohort.validate(where=str(folder))

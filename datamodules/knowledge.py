@@ -8,12 +8,34 @@ match the data it is used with is refused with a clear error.
 
 from __future__ import annotations
 
+import csv
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 
 import numpy as np
 import torch
 
 from datamodules.cohort import CODE_COLUMNS, CODE_FIELDS, REQUIRED_COLUMNS, CohortError
+
+ATC3_CODE = re.compile(r"^[A-Z][0-9]{2}[A-Z]$")
+
+
+@lru_cache(maxsize=1)
+def atc3_names() -> dict[str, str]:
+    """WHO ATC level-3 class names (``resources/atc3_names.csv``), shipped: nothing is downloaded."""
+    with resources.files("datamodules.resources").joinpath("atc3_names.csv").open(newline="") as fh:
+        return {row["atc3"]: row["name"] for row in csv.DictReader(fh)}
+
+
+def atc3_medication_names(codes: list[str]) -> list[str] | None:
+    """Names of a medication vocabulary that is all ATC3 codes (a class the table lacks keeps its
+    code as its name, as the MIMIC ETL does); ``None`` for any other vocabulary."""
+    if not codes or not all(ATC3_CODE.match(code) for code in codes):
+        return None
+    names = atc3_names()
+    return [names.get(code, code) for code in codes]
 
 
 @dataclass
@@ -28,6 +50,12 @@ class CohortKnowledge:
     medication_names: list[str] | None = None
     fields: frozenset[str] = frozenset()
     source: str = "unknown"
+
+    def __post_init__(self) -> None:
+        # Cohorts imported before the importers named their drugs (a cached benchmark import, a
+        # cohort folder, an older checkpoint) still get names when their drugs are ATC3 classes.
+        if self.medication_names is None:
+            self.medication_names = atc3_medication_names(self.vocab.get("medication", []))
 
     @property
     def num_diagnoses(self) -> int:

@@ -23,7 +23,8 @@ from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Pr
 from datamodules.safe_pickle import load_checkpoint
 from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendation_metrics, summarize
 from lightning_modules.process_group import destroy_process_group_at_exit
-from lightning_modules.recommend import MODEL_CLASS_KEY, visit_record
+from lightning_modules.recommend import MODEL_CLASS_KEY, check_threshold, visit_record
+from lightning_modules.step_logging import log_step_and_epoch
 from lightning_modules.visit_ops import margin_targets
 
 KNOWLEDGE_KEY = "cohort_knowledge"
@@ -61,6 +62,9 @@ class MedRecModule(L.LightningModule):
     """
 
     KNOWLEDGE_CLASS = CohortKnowledge  # what from_checkpoint rebuilds from the checkpoint
+    # Settings that only change how a trained model is evaluated or asked: given on the command
+    # line with --ckpt_path they apply; every other setting comes from the checkpoint (train.py).
+    EVALUATION_SETTINGS: tuple[str, ...] = ("threshold", "bootstrap_rounds", "bootstrap_fraction", "bootstrap_seed")
 
     def __init__(
         self,
@@ -128,8 +132,12 @@ class MedRecModule(L.LightningModule):
     # --- loops ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(self(batch), batch)
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["lengths"]))
+        self.log_train_losses(losses, batch_size=len(batch["lengths"]))
         return losses["loss"]
+
+    def log_train_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        """``train_<k>_step`` and ``train_<k>_epoch`` for each loss term (see log_step_and_epoch)."""
+        log_step_and_epoch(self, {f"train_{k}": v for k, v in losses.items()}, batch_size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         probs = self.predict_probabilities(batch)
@@ -161,8 +169,11 @@ class MedRecModule(L.LightningModule):
         self.test_order.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
-        """One record per visit: ids, recommended drugs (codes, names, probabilities), DDI pairs."""
+        """One record per visit: ids, recommended drugs (codes, names, probabilities), DDI pairs,
+        and the drugs the visit recorded (the batch's target) with the Jaccard against them."""
+        threshold = check_threshold(self.threshold, "threshold (--model.init_args.threshold)")
         probs = self.predict_probabilities(batch).float().cpu()
+        recorded = batch["medications"].cpu()
         dataset = self._predict_dataset()
         records = []
         for b, t in batch["visit_mask"].nonzero().tolist():
@@ -172,7 +183,8 @@ class MedRecModule(L.LightningModule):
                 if dataset is not None
                 else {"patient_id": p_index, "visit_id": t}
             )
-            records.append({**ids, **visit_record(probs[b, t], self.threshold, self.knowledge)})
+            drugs = recorded[b, t].nonzero().flatten().tolist()
+            records.append({**ids, **visit_record(probs[b, t], threshold, self.knowledge, recorded=drugs)})
         return records
 
     def _predict_dataset(self):

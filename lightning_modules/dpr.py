@@ -195,6 +195,11 @@ class DPR(PackageRecModule):
 
     # settings that change the parameters' shapes or meaning: a checkpoint loads only into their values
     ARCHITECTURE_SETTINGS = ("message_passing",)
+    EVALUATION_SETTINGS = (
+        *PackageRecModule.EVALUATION_SETTINGS,
+        "generation",
+        *(f"heuristic_{k}" for k in ("high", "low", "rare", "unpopular", "frequent", "seldom")),
+    )
 
     @classmethod
     def settings_of_older_checkpoints(cls, saved: dict) -> dict:
@@ -337,6 +342,7 @@ class DPR(PackageRecModule):
         candidate = to_multi_hot(out["packages"][rows, out["candidate_choice"]], self.num_medications)
         heuristic = to_multi_hot(out["packages"][rows, out["heuristic_choice"]], self.num_medications)
         f1, candidate_f1 = set_f1(heuristic, truth).tolist(), set_f1(candidate, truth).tolist()
+        recorded = [drugs.nonzero().flatten().tolist() for drugs in truth.cpu()]
         dataset = self._predict_dataset()
         codes = self.knowledge.vocab["medication"]
         records = []
@@ -350,7 +356,7 @@ class DPR(PackageRecModule):
             records.append(
                 {
                     **ids,
-                    **visit_record(probs[n].float().cpu(), 0.5, self.knowledge),
+                    **visit_record(probs[n].float().cpu(), 0.5, self.knowledge, recorded=recorded[n]),
                     "source": ("S1", "S2", "S3")[int(out["heuristic_choice"][n]) // per_group],
                     "f1": round(f1[n], 4),
                     "candidate_drugs": [codes[d] for d in candidate[n].nonzero().flatten().tolist()],

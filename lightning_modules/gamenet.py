@@ -207,7 +207,7 @@ class GAMENet(MedRecModule):
             if use_ddi:
                 losses["loss"] = losses["ddi"]
         size = len(batch["lengths"])
-        self.log_dict({f"train_{k}": v.detach() for k, v in losses.items()}, batch_size=size)
+        self.log_train_losses(losses, batch_size=size)
         return losses["loss"]
 
     def _predicted_pair_counts(self, logits: torch.Tensor, visit_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:

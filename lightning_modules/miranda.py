@@ -358,5 +358,5 @@ class MiranDa(MiranDaPredictor):
             "train_therapeutic": float(therapeutic),
             "train_inner_steps": float(inner),
         }
-        self.log_dict(figures, batch_size=size)
+        self.log_train_losses({k.removeprefix("train_"): v for k, v in figures.items()}, batch_size=size)
         return state["supervised"].detach()

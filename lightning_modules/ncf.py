@@ -157,6 +157,8 @@ class NCF(PackageRecModule):
             and the MLPs.
     """
 
+    EVALUATION_SETTINGS = (*PackageRecModule.EVALUATION_SETTINGS, "recommend")
+
     def __init__(
         self,
         *args,

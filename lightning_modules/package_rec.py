@@ -119,7 +119,7 @@ class PackageRecModule(MedRecModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.training_loss(batch)
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, batch_size=len(batch["document"]))
+        self.log_train_losses(losses, batch_size=len(batch["document"]))
         return losses["loss"]
 
     # --- candidate pool ------------------------------------------------------------------

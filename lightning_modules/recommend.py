@@ -3,15 +3,23 @@
 from lightning_modules.recommend import Recommender
 rec = Recommender.from_checkpoint("runs/.../best.ckpt")
 rec.recommend([{"diagnoses": ["4019", "42731"], "procedures": ["3893"], "medications": ["B01A"]},
-               {"diagnoses": ["4280"], "procedures": ["3893"]}])
+               {"diagnoses": ["4280"], "procedures": ["3893"]}], threshold=0.4, top_k=5)
 # -> {"drugs": [...], "drug_names": [...], "probabilities": [...], "ddi_pairs": [[a, b], ...]}
+rec.recommend_batch([history_1, history_2, ...])  # one forward pass, one record per history
+
+A record lists the drugs whose probability is >= the threshold, best first, at most ``top_k`` of
+them (all when None). Where the visit's recorded drugs are known (``train.py predict``; a last
+visit given with ``medications``) it also has ``recorded_drugs``, ``recorded_drug_names`` and
+``jaccard`` = |recommended ∩ recorded| / |recommended ∪ recorded| (0 when both are empty).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import numbers
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -25,14 +33,61 @@ from datamodules.visit_sequence import GENDER_CODES, VisitCollator
 MODEL_CLASS_KEY = "medrec_model_class"
 
 
-def visit_record(probs: torch.Tensor, threshold: float, knowledge: CohortKnowledge) -> dict:
-    """Recommended drugs of one visit (probability >= threshold), best first, with DDI pairs flagged."""
+class RecommendationOptionError(CohortError):
+    """A recommendation option (threshold, top_k) is out of range (train.py prints it on one line)."""
+
+
+def check_threshold(threshold: float, option: str = "threshold") -> float:
+    """``threshold`` if it lies in (0, 1]; else an error naming ``option``."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold <= 1.0:
+        raise RecommendationOptionError(f"{option} must lie in (0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+def check_top_k(top_k: int | None, option: str = "top_k") -> int | None:
+    """``top_k`` if it is None or an integer >= 1; else an error naming ``option``."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise RecommendationOptionError(f"{option} must be an integer >= 1 (or unset for all), got {top_k!r}")
+    return None if top_k is None else int(top_k)
+
+
+def jaccard(recommended: Sequence[str], recorded: Sequence[str]) -> float:
+    """Jaccard similarity of two drug sets; 0 when both are empty (the SafeDrug convention)."""
+    a, b = set(recommended), set(recorded)
+    return round(len(a & b) / len(a | b), 4) if a | b else 0.0
+
+
+def limit_record(record: dict, top_k: int | None) -> dict:
+    """The record cut to its ``top_k`` most probable drugs (records list drugs best first): DDI
+    pairs with a dropped drug go, the Jaccard is recomputed; other fields are kept as they are."""
+    if top_k is None or len(record["drugs"]) <= top_k:
+        return record
+    out = dict(record)
+    for key in ("drugs", "drug_names", "probabilities"):
+        out[key] = record[key][:top_k]
+    kept = set(out["drugs"])
+    out["ddi_pairs"] = [pair for pair in record["ddi_pairs"] if pair[0] in kept and pair[1] in kept]
+    if "recorded_drugs" in record:
+        out["jaccard"] = jaccard(out["drugs"], record["recorded_drugs"])
+    return out
+
+
+def visit_record(
+    probs: torch.Tensor,
+    threshold: float,
+    knowledge: CohortKnowledge,
+    top_k: int | None = None,
+    recorded: Sequence[int] | None = None,
+) -> dict:
+    """Recommended drugs of one visit (probability >= threshold, the ``top_k`` most probable of
+    those), best first, with DDI pairs flagged; ``recorded``: indices of the drugs the visit
+    actually got, which add ``recorded_drugs``, ``recorded_drug_names`` and ``jaccard``."""
     chosen = (probs >= threshold).nonzero().flatten()
     chosen = chosen[torch.argsort(probs[chosen], descending=True, stable=True)].tolist()
     codes = knowledge.vocab["medication"]
     names = knowledge.medication_names
     ddi = knowledge.ddi_adj
-    return {
+    record = {
         "drugs": [codes[d] for d in chosen],
         "drug_names": [names[d] for d in chosen] if names else [],
         "probabilities": [round(float(probs[d]), 4) for d in chosen],
@@ -40,6 +95,12 @@ def visit_record(probs: torch.Tensor, threshold: float, knowledge: CohortKnowled
             [codes[a], codes[b]] for i, a in enumerate(chosen) for b in chosen[i + 1 :] if ddi[a, b] or ddi[b, a]
         ],
     }
+    if recorded is not None:
+        recorded = sorted({int(d) for d in recorded})
+        record["recorded_drugs"] = [codes[d] for d in recorded]
+        record["recorded_drug_names"] = [names[d] for d in recorded] if names else []
+        record["jaccard"] = jaccard(record["drugs"], record["recorded_drugs"])
+    return limit_record(record, top_k)
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu", kind: type | None = None):
@@ -70,11 +131,12 @@ class VisitInputError(CohortError):
 VISIT_KEYS = {"diagnoses", "procedures", "medications", "labs", "age", "los", "gender"}
 
 
-def check_visits(visits) -> None:
+def check_visits(visits, where: str = "") -> None:
     """Raise VisitInputError naming the visit, the key and the rule of the first malformed part."""
     if not isinstance(visits, (list, tuple)):
-        raise VisitInputError(f"visits must be a list of visit dicts, got a {type(visits).__name__}")
-    for t, visit in enumerate(visits):
+        raise VisitInputError(f"visits{where} must be a list of visit dicts, got a {type(visits).__name__}")
+    for i, visit in enumerate(visits):
+        t = f"{i}{where}"
         if not isinstance(visit, dict):
             raise VisitInputError(f"visit {t} must be a dict of codes (keys {sorted(VISIT_KEYS)}), got {visit!r:.60}")
         for key, value in visit.items():
@@ -93,7 +155,7 @@ def check_visits(visits) -> None:
 
 
 class Recommender:
-    """Wraps a trained MedRecModule to recommend drugs for one patient's visit history."""
+    """Wraps a trained MedRecModule to recommend drugs from patients' visit histories."""
 
     def __init__(self, model):
         self.model = model.eval()
@@ -104,40 +166,83 @@ class Recommender:
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> Recommender:
         return cls(load_model(path, map_location))
 
-    def _encode(self, codes, vocab: str, visit: int, on_unknown: str) -> np.ndarray:
+    def _encode(self, codes, vocab: str, where: str, on_unknown: str) -> np.ndarray:
         index = self._index[vocab]
         unknown = [c for c in codes if c not in index]
         if unknown:
-            message = (
-                f"{vocab} code(s) {unknown} in visit {visit} are not in the model's vocabulary ({len(index)} codes)"
-            )
+            message = f"{vocab} code(s) {unknown} in {where} are not in the model's vocabulary ({len(index)} codes)"
             if on_unknown == "error":
                 raise UnknownCodeError(f"{message}; pass on_unknown='ignore' to drop them")
-            warnings.warn(f"{message}; ignored", stacklevel=3)
+            warnings.warn(f"{message}; ignored", stacklevel=4)
         return np.array(sorted({index[c] for c in codes if c in index}), dtype=np.int64)
 
-    @torch.no_grad()
-    def recommend(self, visits: list[dict], on_unknown: Literal["error", "ignore"] = "error") -> dict:
-        """Recommend for the last visit of ``visits`` (earlier visits are history, with their drugs).
-
-        Each visit is a dict with ``diagnoses``, ``procedures`` and, for earlier visits,
-        ``medications`` (code strings); optional ``labs``, ``age``, ``los``, ``gender``.
-        """
+    def _sample(self, visits: list[dict], position: int, where: str, on_unknown: str) -> tuple[dict, list | None]:
+        """One history as a dataset sample (the last visit's drugs left out: they are the target)
+        and the last visit's recorded drug indices (None when it gives no ``medications``)."""
         if not visits:
-            raise VisitInputError("recommend() needs at least one visit")
-        check_visits(visits)
-        if on_unknown not in ("error", "ignore"):
-            raise ValueError(f"on_unknown must be 'error' or 'ignore', got {on_unknown!r}")
-        sample = {"patient_index": 0, "visit_ids": list(range(len(visits)))}
+            detail = f" per history; history {position} has none" if where else ""
+            raise VisitInputError(f"recommend() needs at least one visit{detail}")
+        check_visits(visits, where)
+        sample = {"patient_index": position, "visit_ids": list(range(len(visits)))}
         for column, vocab in (("diagnoses", "diagnosis"), ("procedures", "procedure"), ("labs", "lab")):
-            sample[column] = [self._encode(v.get(column, []), vocab, t, on_unknown) for t, v in enumerate(visits)]
+            sample[column] = [
+                self._encode(v.get(column, []), vocab, f"visit {t}{where}", on_unknown) for t, v in enumerate(visits)
+            ]
         sample["medications"] = [
-            self._encode(v.get("medications", []), "medication", t, on_unknown) for t, v in enumerate(visits[:-1])
+            self._encode(v.get("medications", []), "medication", f"visit {t}{where}", on_unknown)
+            for t, v in enumerate(visits[:-1])
         ] + [np.zeros(0, np.int64)]
         for column in ("age", "los"):
             sample[column] = np.array([v.get(column, np.nan) for v in visits], dtype=np.float32)
         sample["gender"] = GENDER_CODES.get(visits[0].get("gender"), 0)
-        batch = VisitCollator(self.knowledge.num_medications)([sample])
+        last = visits[-1].get("medications")
+        where_last = f"visit {len(visits) - 1}{where}"
+        recorded = None if last is None else self._encode(last, "medication", where_last, on_unknown).tolist()
+        return sample, recorded
+
+    @torch.no_grad()
+    def recommend_batch(
+        self,
+        histories: list[list[dict]],
+        threshold: float | None = None,
+        top_k: int | None = None,
+        on_unknown: Literal["error", "ignore"] = "error",
+    ) -> list[dict]:
+        """``recommend`` for many patients in one forward pass: the histories are padded into one
+        batch by the DataModule's collate (``VisitCollator``); one record per history, in order."""
+        threshold = check_threshold(self.model.threshold if threshold is None else threshold)
+        top_k = check_top_k(top_k)
+        if on_unknown not in ("error", "ignore"):
+            raise ValueError(f"on_unknown must be 'error' or 'ignore', got {on_unknown!r}")
+        if not histories:
+            return []
+        single = len(histories) == 1
+        prepared = [
+            self._sample(visits, i, "" if single else f" of history {i}", on_unknown)
+            for i, visits in enumerate(histories)
+        ]
+        batch = VisitCollator(self.knowledge.num_medications)([sample for sample, _ in prepared])
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
-        probs = self.model.predict_probabilities(batch)[0, len(visits) - 1].float().cpu()
-        return visit_record(probs, self.model.threshold, self.knowledge)
+        probs = self.model.predict_probabilities(batch).float().cpu()
+        last = batch["lengths"].cpu() - 1
+        return [
+            visit_record(probs[i, last[i]], threshold, self.knowledge, top_k, recorded)
+            for i, (_, recorded) in enumerate(prepared)
+        ]
+
+    def recommend(
+        self,
+        visits: list[dict],
+        threshold: float | None = None,
+        top_k: int | None = None,
+        on_unknown: Literal["error", "ignore"] = "error",
+    ) -> dict:
+        """Recommend for the last visit of ``visits`` (earlier visits are history, with their drugs).
+
+        Each visit is a dict with ``diagnoses``, ``procedures`` and, for earlier visits,
+        ``medications`` (code strings); optional ``labs``, ``age``, ``los``, ``gender``. The last
+        visit's ``medications``, if given, are not shown to the model: they are the recorded drugs
+        the record compares with. ``threshold`` (in (0, 1]; default: the model's) and ``top_k``
+        (at most that many drugs, the most probable; default: all over the threshold).
+        """
+        return self.recommend_batch([visits], threshold, top_k, on_unknown)[0]

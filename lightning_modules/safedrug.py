@@ -349,7 +349,7 @@ class SafeDrug(MedRecModule):
                 )
             beta = self.ddi_controller.update(*counts)
         losses = self.compute_loss(logits, batch, beta)
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, batch_size=len(batch["lengths"]))
+        self.log_train_losses(losses, batch_size=len(batch["lengths"]))
         return losses["loss"]
 
     def configure_optimizers(self):

@@ -197,7 +197,7 @@ def test_controller_in_a_fit_logs_and_checkpoints_its_state(data, tmp_path):
     trainer.fit(model, datamodule=data)
     assert pid.steps == 3 and model.ddi_controller is None  # detached after the fit
     assert trainer.callback_metrics["pid_beta_step"].item() == pytest.approx(pid.beta)  # last step
-    assert "pid_ddi_rate" in trainer.callback_metrics and "train_ddi" in trainer.callback_metrics
+    assert "pid_ddi_rate_epoch" in trainer.callback_metrics and "train_ddi_epoch" in trainer.callback_metrics
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     stored = torch.load(path, weights_only=False)["callbacks"][pid.state_key]
