@@ -234,10 +234,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             reason = "not a checkpoint (not a torch/pickle file)"
         else:
             reason = lines[0] if lines else type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint: {reason}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint: {reason}") from None
     except Exception as err:  # truncated zip, text file, ...: torch raises many types
         raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint (damaged or not a checkpoint: {type(err).__name__}: "
+            f"{path}: not a readable checkpoint (damaged or not a checkpoint: {type(err).__name__}: "
             f"{' '.join(str(err).split())[:200]})"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

@@ -86,7 +86,7 @@ class MedRecModule(L.LightningModule):
         if not 0.0 <= margin_weight <= 1.0:
             raise ValueError(f"margin_weight must lie in [0, 1], got {margin_weight}")
         check_range("lr", lr, 0, open_low=True)  # the CLI refuses these at parse time; Python callers here
-        check_range("threshold", threshold, 0, 1, open_low=True)
+        check_threshold(threshold)
         self.save_hyperparameters(ignore=["knowledge"])
         self.hparams.update(plain(dict(self.hparams)))  # parsed option types -> builtins (weights_only)
         # not via hparams: those hold the outermost __init__'s arguments, and subclasses that fix

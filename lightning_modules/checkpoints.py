@@ -12,9 +12,9 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from datamodules.cohort import CohortError
+from datamodules.errors import CheckpointError
+from datamodules.safe_pickle import load_checkpoint
 
 LAST = "last.ckpt"
 
@@ -128,12 +128,9 @@ def resolve_checkpoint(ckpt_path: str, layout: RunLayout, option: str = "--ckpt_
 def read_checkpoint(path: Path, option: str = "--ckpt_path") -> dict:
     """The checkpoint's contents, loaded without running code (weights_only)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a truncated or foreign file
-        raise CohortError(f"{option} {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CohortError(f"{option} {path}: not a Lightning checkpoint (no state_dict)")
-    return checkpoint
+        return load_checkpoint(path)  # one line for a truncated, foreign or unsafe file
+    except CheckpointError as err:
+        raise CheckpointError(f"{option} {err}") from None
 
 
 def best_of(last: Path, option: str = "--ckpt_path") -> Path:

@@ -188,7 +188,7 @@ def test_crafted_checkpoint_payload_does_not_run_in_from_checkpoint(tmp_path, ch
     crafted = torch.load(checkpoint[0], weights_only=True)
     crafted["hyper_parameters"]["lr"] = Payload(marker)
     torch.save(crafted, tmp_path / "crafted.ckpt")
-    with pytest.raises(CheckpointError, match=r"crafted\.ckpt: cannot be read as a checkpoint: refused"):
+    with pytest.raises(CheckpointError, match=r"crafted\.ckpt: not a readable checkpoint: refused"):
         Recommender.from_checkpoint(str(tmp_path / "crafted.ckpt"))
     assert not marker.exists()
 
@@ -207,7 +207,7 @@ def test_checkpoint_naming_a_foreign_class_is_refused(tmp_path, checkpoint):
     "content, message",
     [
         (None, "checkpoint file not found"),
-        (b"this is a text file, not a checkpoint\n", "cannot be read as a checkpoint"),
+        (b"this is a text file, not a checkpoint\n", "not a readable checkpoint"),
         ("truncated", "damaged or not a checkpoint"),
         ("folder", "a checkpoint must be a file"),
     ],

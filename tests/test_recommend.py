@@ -275,6 +275,7 @@ def test_cohorts_and_checkpoints_without_names_get_atc3_names_at_load(tmp_path):
     assert CohortKnowledge.from_state(state).medication_names == ["w", "x", "y", "z"]
     cohort = Cohort.load(tmp_path / "c")
     cohort.vocab["medication"] = ["aspirin", "B01A", "C01A", "D01A"]
+    cohort.ddi_pairs = [("aspirin", "D01A")]  # DDI pairs must name codes of the vocabulary
     other = tmp_path / "other"
     cohort.save(other)
     assert VisitSequenceDataModule(root=str(other)).knowledge.medication_names is None
