@@ -9,6 +9,7 @@ the logger's name, W&B's project; ``version`` is ``version_N`` or the W&B run id
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,9 +129,15 @@ def resolve_checkpoint(ckpt_path: str, layout: RunLayout, option: str = "--ckpt_
 def read_checkpoint(path: Path, option: str = "--ckpt_path") -> dict:
     """The checkpoint's contents, loaded without running code (weights_only)."""
     try:
-        return load_checkpoint(path)  # one line for a truncated, foreign or unsafe file
+        checkpoint = load_checkpoint(path)  # one line for a truncated, foreign or unsafe file
     except CheckpointError as err:
         raise CheckpointError(f"{option} {err}") from None
+    named = [checkpoint.get("medrec_model_class"), (checkpoint.get("hyper_parameters") or {}).get("_class_path")]
+    for class_path in named:  # imported later: importing a module not loaded yet could run its code
+        module = str(class_path).rpartition(".")[0]
+        if class_path is not None and not (module.startswith("lightning_modules") or module in sys.modules):
+            raise CheckpointError(f"{option} {path}: names model class {class_path!r}, which is not a medrec model")
+    return checkpoint
 
 
 def best_of(last: Path, option: str = "--ckpt_path") -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import numbers
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -110,7 +111,7 @@ def load_model(path: str, map_location: str | torch.device = "cpu", kind: type |
     if class_path is None:
         raise CohortError(f"{path}: not a medrec checkpoint (no {MODEL_CLASS_KEY})")
     module, _, name = class_path.rpartition(".")
-    if not module.startswith("lightning_modules."):  # importing another module could run its code
+    if not (module.startswith("lightning_modules") or module in sys.modules):  # an import could run code
         raise CohortError(f"{path}: names model class {class_path!r}, which is not a medrec model")
     model_class = getattr(importlib.import_module(module), name, None)
     if not isinstance(model_class, type):

@@ -192,3 +192,17 @@ def test_benchmark_run_bad_option_is_one_line(cohort, tmp_path, capsys, monkeypa
     assert info.value.code == 2
     line = one_error_line(capsys, "benchmarks/run.py")
     assert line.startswith("benchmarks/run.py: error: option --model.init_args.lr: Not of type PositiveFloat")
+
+
+def test_ckpt_path_naming_a_module_outside_medrec_is_refused(cohort, tmp_path, capsys):
+    import sys
+
+    import torch
+
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "antigravity.Fly"}}, tmp_path / "x.ckpt")
+    line = fails(capsys, *fit_args(cohort, f"--ckpt_path={tmp_path / 'x.ckpt'}"))
+    assert line == (
+        f"medrec: error: --ckpt_path {tmp_path / 'x.ckpt'}: names model class 'antigravity.Fly', "
+        "which is not a medrec model"
+    )
+    assert "antigravity" not in sys.modules  # never imported (importing it runs code)
