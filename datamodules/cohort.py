@@ -243,9 +243,15 @@ class Cohort:
         """
         folder = Path(folder)
         check_replaceable(folder, source=self.source, force=force)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(folder)
-        tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(folder), dir=folder.parent))
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(folder)
+            tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(folder), dir=folder.parent))
+        except OSError as err:  # read-only or missing cache folder, a file in the way, a full disk
+            raise CohortError(
+                f"{folder.parent}: cannot write the cohort {folder.name} there ({err.strerror or err}); "
+                "choose a writable folder ($MEDREC_CACHE or --data.init_args.cache_dir for the cache)"
+            ) from None
         try:
             visits = self.visits.copy()
             for col in CODE_COLUMNS.values():

@@ -151,3 +151,32 @@ def test_load_during_a_concurrent_replace_succeeds(cohort, tmp_path):
     finally:
         writer.wait(timeout=120)
     assert writer.returncode == 0 and loads > 0
+
+
+def test_unwritable_cache_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    from train import main
+
+    (tmp_path / "file").write_text("not a folder")
+    args = ["fit", f"--config={ROOT / 'configs' / 'lr.yaml'}", "--trainer.fast_dev_run=true"]
+    with pytest.raises(SystemExit) as info:  # a file where the cache folder should be
+        main(
+            [
+                *args,
+                f"--data.init_args.cache_dir={tmp_path / 'file' / 'cache'}",
+                "--data.init_args.synthetic_patients=50",
+            ]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"medrec: error: {tmp_path / 'file' / 'cache'}: cannot write the cohort synthetic-" in err
+    assert "Traceback" not in err
+
+    def read_only(*args, **kwargs):  # as root, chmod cannot make a folder read-only: simulate it
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(SystemExit):
+        main([*args, f"--data.init_args.cache_dir={tmp_path / 'ro'}", "--data.init_args.synthetic_patients=51"])
+    assert f"medrec: error: {tmp_path / 'ro'}: cannot write the cohort synthetic-" in capsys.readouterr().err
