@@ -9,6 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "Cohort": "datamodules.cohort",
     "CohortError": "datamodules.cohort",
+    "MedRecError": "datamodules.errors",
     "CohortKnowledge": "datamodules.knowledge",
     "SyntheticSpec": "datamodules.synthetic",
     "generate_synthetic_cohort": "datamodules.synthetic",
