@@ -249,7 +249,9 @@ class SafeDrug(MedRecModule):
         ones = torch.ones(self.bond_columns.shape[0], device=weight.device, dtype=weight.dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.bond_rows, self.bond_columns, ones, (atoms, atoms))
+            return torch.sparse_csr_tensor(
+                self.bond_rows, self.bond_columns, ones, (atoms, atoms), device=weight.device
+            )
 
     def drug_memory(self) -> torch.Tensor:
         """E_g (M, d): MPNN vector of every molecule, averaged per drug; fallback rows where none."""
