@@ -56,6 +56,7 @@ class RETAIN(MedRecModule):
         alpha = self.alpha_out(g).squeeze(-1).masked_fill(~valid, float("-inf")).softmax(-1)
         beta = torch.tanh(self.beta_out(h))
         context = (alpha.unsqueeze(-1) * beta * prefixes).sum(1)
-        logits = visits.new_zeros(*mask.shape, self.knowledge.num_medications)
-        logits[patient, time] = self.output(context)
+        scores = self.output(context)
+        logits = scores.new_zeros(*mask.shape, self.knowledge.num_medications)
+        logits[patient, time] = scores
         return logits

@@ -21,6 +21,7 @@ from torch_geometric.utils import scatter, spmm, to_torch_csr_tensor
 from datamodules.molecules import molecule_graphs, require_molecules, substructure_mask
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
+from lightning_modules.precision import float32
 from lightning_modules.visit_ops import margin_targets
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class MPNNLayer(MessagePassing):
         return hidden + self.propagate(adjacency, x=hidden)
 
     def message_and_aggregate(self, adj_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return spmm(adj_t, x, reduce="sum")
+        # sparse products have no bfloat16 kernel on the CPU: aggregate in the adjacency's float32
+        with float32(x):
+            return spmm(adj_t, x.to(adj_t.dtype), reduce="sum").to(x.dtype)
 
 
 class MoleculeEncoder(nn.Module):
@@ -327,18 +330,20 @@ class SafeDrug(MedRecModule):
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor], beta: float | torch.Tensor = 1.0
     ) -> dict[str, torch.Tensor]:
         """β (α BCE + (1 − α) margin) + (1 − β) L_ddi (Eq. 18); entries other than ``loss`` are logged."""
-        mask = batch["visit_mask"]
-        flat, target = logits[mask], batch["medications"][mask]
-        w = self.hparams.margin_weight
-        out = {
-            "bce": F.binary_cross_entropy_with_logits(flat, target),
-            "margin": F.multilabel_margin_loss(torch.sigmoid(flat), margin_targets(target)),
-            "ddi": self.hparams.ddi_loss_scale * ddi_loss(torch.sigmoid(logits), self.ddi_adj, mask),
-        }
-        accuracy = (1 - w) * out["bce"] + w * out["margin"]
-        beta = torch.as_tensor(beta, dtype=accuracy.dtype, device=accuracy.device)
-        out["loss"] = beta * accuracy + (1 - beta) * out["ddi"]
-        return out
+        with float32(logits):
+            logits = logits.float()
+            mask = batch["visit_mask"]
+            flat, target = logits[mask], batch["medications"][mask]
+            w = self.hparams.margin_weight
+            out = {
+                "bce": F.binary_cross_entropy_with_logits(flat, target),
+                "margin": F.multilabel_margin_loss(torch.sigmoid(flat), margin_targets(target)),
+                "ddi": self.hparams.ddi_loss_scale * ddi_loss(torch.sigmoid(logits), self.ddi_adj, mask),
+            }
+            accuracy = (1 - w) * out["bce"] + w * out["margin"]
+            beta = torch.as_tensor(beta, dtype=accuracy.dtype, device=accuracy.device)
+            out["loss"] = beta * accuracy + (1 - beta) * out["ddi"]
+            return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch)
