@@ -49,7 +49,7 @@ class RETAIN(MedRecModule):
         source = time[:, None] - steps[None, :]  # reversed prefix: t, t-1, ..., 0
         valid = source >= 0
         prefixes = visits[patient[:, None], source.clamp(min=0)] * valid.unsqueeze(-1)
-        lengths = (time + 1).cpu()
+        lengths = (time + 1).cpu()  # pack_padded_sequence takes its lengths on the CPU
         packed = pack_padded_sequence(prefixes, lengths, batch_first=True, enforce_sorted=False)
         g, _ = pad_packed_sequence(self.alpha_gru(packed)[0], batch_first=True, total_length=mask.shape[1])
         h, _ = pad_packed_sequence(self.beta_gru(packed)[0], batch_first=True, total_length=mask.shape[1])

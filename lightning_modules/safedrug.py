@@ -232,7 +232,7 @@ class SafeDrug(MedRecModule):
 
     def patient_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """q_t for every visit (B, T, d): two GRUs over the visit sequence, ReLU, linear (Sec. 3.2)."""
-        lengths = batch["lengths"].cpu()
+        lengths = batch["lengths"].cpu()  # pack_padded_sequence takes its lengths on the CPU
         steps = batch["visit_mask"].shape[1]
         states = []
         for gru, embedding, key in (
