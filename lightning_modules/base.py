@@ -22,6 +22,7 @@ from datamodules.knowledge import CohortKnowledge
 from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, check_range, plain
 from datamodules.safe_pickle import load_checkpoint
 from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendation_metrics, summarize
+from lightning_modules.precision import float32
 from lightning_modules.process_group import destroy_process_group_at_exit
 from lightning_modules.recommend import MODEL_CLASS_KEY, check_threshold, visit_record
 from lightning_modules.step_logging import log_step_and_epoch
@@ -113,21 +114,24 @@ class MedRecModule(L.LightningModule):
         raise NotImplementedError
 
     def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.sigmoid(self(batch))
+        logits = self(batch)
+        with float32(logits):
+            return torch.sigmoid(logits.float())
 
     def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Returns a dict with the total under ``loss``; the other entries are logged."""
-        mask = batch["visit_mask"]
-        logits, target = logits[mask], batch["medications"][mask]
-        bce = F.binary_cross_entropy_with_logits(logits, target)
-        out = {"bce": bce}
-        weight = self.hparams.margin_weight
-        if weight > 0:
-            out["margin"] = F.multilabel_margin_loss(torch.sigmoid(logits), margin_targets(target))
-            out["loss"] = (1 - weight) * bce + weight * out["margin"]
-        else:
-            out["loss"] = bce
-        return out
+        with float32(logits):
+            mask = batch["visit_mask"]
+            logits, target = logits[mask].float(), batch["medications"][mask]
+            bce = F.binary_cross_entropy_with_logits(logits, target)
+            out = {"bce": bce}
+            weight = self.hparams.margin_weight
+            if weight > 0:
+                out["margin"] = F.multilabel_margin_loss(torch.sigmoid(logits), margin_targets(target))
+                out["loss"] = (1 - weight) * bce + weight * out["margin"]
+            else:
+                out["loss"] = bce
+            return out
 
     # --- loops ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -141,13 +145,16 @@ class MedRecModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         probs = self.predict_probabilities(batch)
-        self.val_metrics.update(probs=probs, target=batch["medications"], visit_mask=batch["visit_mask"])
+        with float32(probs):
+            self.val_metrics.update(probs=probs.float(), target=batch["medications"], visit_mask=batch["visit_mask"])
         size = len(batch["lengths"])
         for name, metric in self.val_metrics.items():
             self.log(name, metric, prog_bar=name == "val_jaccard", batch_size=size)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_table.update(self.predict_probabilities(batch), batch["medications"], batch["visit_mask"])
+        probs = self.predict_probabilities(batch)
+        with float32(probs):
+            self.test_table.update(probs.float(), batch["medications"], batch["visit_mask"])
         self.test_order.update(batch["patient_index"][batch["visit_mask"].any(1)])
 
     def on_test_epoch_end(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_modules.precision import float32
+
 
 def ddi_loss(probs: torch.Tensor, ddi_adj: torch.Tensor, visit_mask: torch.Tensor) -> torch.Tensor:
     """Expected interaction mass of the predicted drug sets, averaged over real visits.
@@ -31,7 +33,8 @@ def ddi_loss(probs: torch.Tensor, ddi_adj: torch.Tensor, visit_mask: torch.Tenso
         )
     if ddi_adj.shape != (probs.shape[-1], probs.shape[-1]):
         raise ValueError(f"ddi_adj must be ({probs.shape[-1]}, {probs.shape[-1]}), got {tuple(ddi_adj.shape)}")
-    p = probs[visit_mask.bool()]
-    if p.shape[0] == 0:
-        return probs.sum() * 0.0
-    return ((p @ ddi_adj.to(p.dtype)) * p).sum(-1).mean()
+    with float32(probs):
+        p = probs[visit_mask.bool()].float()
+        if p.shape[0] == 0:
+            return probs.sum().float() * 0.0
+        return ((p @ ddi_adj.float()) * p).sum(-1).mean()

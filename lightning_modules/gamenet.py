@@ -14,6 +14,7 @@ from torch_geometric.utils import add_remaining_self_loops, dense_to_sparse, sca
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
+from lightning_modules.precision import float32
 
 Normalization = Literal["row", "symmetric"]
 
@@ -192,7 +193,7 @@ class GAMENet(MedRecModule):
     def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Prediction loss under ``loss`` plus the DDI loss (mean over visits and M² pairs) under ``ddi``."""
         out = super().compute_loss(logits, batch)
-        probs = torch.sigmoid(logits)
+        probs = torch.sigmoid(logits.float())
         scale = self.hparams.ddi_loss_weight / self.num_medications**2
         out["ddi"] = scale * ddi_loss(probs, self.ddi_adj, batch["visit_mask"])
         return out
@@ -212,8 +213,9 @@ class GAMENet(MedRecModule):
 
     def _predicted_pair_counts(self, logits: torch.Tensor, visit_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Interacting and all unordered drug pairs among the recommended sets of the batch."""
-        chosen = ((torch.sigmoid(logits) >= self.hparams.threshold) & visit_mask.unsqueeze(-1)).float()
-        adj = ((self.ddi_adj != 0) | (self.ddi_adj.T != 0)).float().fill_diagonal_(0.0)
-        interacting = ((chosen @ adj) * chosen).sum() / 2
-        n = chosen.sum(-1)
-        return interacting, (n * (n - 1) / 2).sum()
+        with float32(logits):
+            chosen = ((torch.sigmoid(logits.float()) >= self.hparams.threshold) & visit_mask.unsqueeze(-1)).float()
+            adj = ((self.ddi_adj != 0) | (self.ddi_adj.T != 0)).float().fill_diagonal_(0.0)
+            interacting = ((chosen @ adj) * chosen).sum() / 2
+            n = chosen.sum(-1)
+            return interacting, (n * (n - 1) / 2).sum()

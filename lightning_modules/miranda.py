@@ -23,6 +23,7 @@ from datamodules.cohort import CohortError
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.elos import ELOSMetric, Retrieval, StayIndex
+from lightning_modules.precision import float32
 from lightning_modules.visit_ops import embed_codes, previous_visit
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,10 @@ class MiranDaPredictor(MedRecModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
         if self.stay_index is not None:
-            retrieval, los = self.visit_stays(self._probabilities_of(batch), batch)
-            self.val_elos.update(retrieval.elos, los)
+            probs = self._probabilities_of(batch)
+            with float32(probs):
+                retrieval, los = self.visit_stays(probs.float(), batch)
+                self.val_elos.update(retrieval.elos, los)
 
     def on_validation_epoch_end(self) -> None:
         if self.stay_index is not None:
@@ -196,8 +199,10 @@ class MiranDaPredictor(MedRecModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
         if self.stay_index is not None:
-            retrieval, los = self.visit_stays(self._probabilities_of(batch), batch)
-            self.test_elos.update(retrieval.elos, los)
+            probs = self._probabilities_of(batch)
+            with float32(probs):
+                retrieval, los = self.visit_stays(probs.float(), batch)
+                self.test_elos.update(retrieval.elos, los)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

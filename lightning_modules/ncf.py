@@ -56,6 +56,7 @@ class PatientEncoder(nn.Module):
         if not self.has_text:
             return u
         lengths = batch["notes_lengths"]
+        # pack_padded_sequence takes its lengths on the CPU: one small copy per batch
         packed = pack_padded_sequence(
             self.words(batch["notes"]), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )
@@ -129,7 +130,7 @@ def pretrain_ncf(
     history = []
     with torch.enable_grad():
         for _ in range(epochs):
-            total, count = 0.0, 0
+            total, count = torch.zeros((), device=device), 0
             for step, batch in enumerate(loader):
                 if max_batches is not None and step >= max_batches:
                     break
@@ -138,8 +139,8 @@ def pretrain_ncf(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total, count = total + loss.item(), count + 1
-            history.append(total / max(count, 1))
+                total, count = total + loss.detach(), count + 1  # no host sync per step
+            history.append(float(total) / max(count, 1))
     core.train(was_training)
     for p, flag in zip(core.parameters(), flags):
         p.requires_grad_(flag)

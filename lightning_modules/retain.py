@@ -52,13 +52,14 @@ class RETAIN(MedRecModule):
         source = time[:, None] - steps[None, :]  # reversed prefix: t, t-1, ..., 0
         valid = source >= 0
         prefixes = visits[patient[:, None], source.clamp(min=0)] * valid.unsqueeze(-1)
-        lengths = (time + 1).cpu()
+        lengths = (time + 1).cpu()  # pack_padded_sequence takes its lengths on the CPU
         packed = pack_padded_sequence(prefixes, lengths, batch_first=True, enforce_sorted=False)
         g, _ = pad_packed_sequence(self.alpha_gru(packed)[0], batch_first=True, total_length=mask.shape[1])
         h, _ = pad_packed_sequence(self.beta_gru(packed)[0], batch_first=True, total_length=mask.shape[1])
         alpha = self.alpha_out(g).squeeze(-1).masked_fill(~valid, float("-inf")).softmax(-1)
         beta = torch.tanh(self.beta_out(h))
         context = (alpha.unsqueeze(-1) * beta * prefixes).sum(1)
-        logits = visits.new_zeros(*mask.shape, self.knowledge.num_medications)
-        logits[patient, time] = self.output(context)
+        scores = self.output(context)
+        logits = scores.new_zeros(*mask.shape, self.knowledge.num_medications)
+        logits[patient, time] = scores
         return logits

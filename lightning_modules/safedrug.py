@@ -22,6 +22,7 @@ from datamodules.molecules import molecule_graphs, require_molecules, substructu
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
+from lightning_modules.precision import float32
 from lightning_modules.visit_ops import margin_targets
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ class MPNNLayer(MessagePassing):
         return hidden + self.propagate(adjacency, x=hidden)
 
     def message_and_aggregate(self, adj_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return spmm(adj_t, x, reduce="sum")
+        # sparse products have no bfloat16 kernel on the CPU: aggregate in the adjacency's float32
+        with float32(x):
+            return spmm(adj_t, x.to(adj_t.dtype), reduce="sum").to(x.dtype)
 
 
 class MoleculeEncoder(nn.Module):
@@ -230,7 +233,7 @@ class SafeDrug(MedRecModule):
 
     def patient_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """q_t for every visit (B, T, d): two GRUs over the visit sequence, ReLU, linear (Sec. 3.2)."""
-        lengths = batch["lengths"].cpu()
+        lengths = batch["lengths"].cpu()  # pack_padded_sequence takes its lengths on the CPU
         steps = batch["visit_mask"].shape[1]
         states = []
         for gru, embedding, key in (
@@ -250,7 +253,9 @@ class SafeDrug(MedRecModule):
         ones = torch.ones(self.bond_columns.shape[0], device=weight.device, dtype=weight.dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.bond_rows, self.bond_columns, ones, (atoms, atoms))
+            return torch.sparse_csr_tensor(
+                self.bond_rows, self.bond_columns, ones, (atoms, atoms), device=weight.device
+            )
 
     def drug_memory(self) -> torch.Tensor:
         """E_g (M, d): MPNN vector of every molecule, averaged per drug; fallback rows where none."""
@@ -326,18 +331,20 @@ class SafeDrug(MedRecModule):
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor], beta: float | torch.Tensor = 1.0
     ) -> dict[str, torch.Tensor]:
         """β (α BCE + (1 − α) margin) + (1 − β) L_ddi (Eq. 18); entries other than ``loss`` are logged."""
-        mask = batch["visit_mask"]
-        flat, target = logits[mask], batch["medications"][mask]
-        w = self.hparams.margin_weight
-        out = {
-            "bce": F.binary_cross_entropy_with_logits(flat, target),
-            "margin": F.multilabel_margin_loss(torch.sigmoid(flat), margin_targets(target)),
-            "ddi": self.hparams.ddi_loss_scale * ddi_loss(torch.sigmoid(logits), self.ddi_adj, mask),
-        }
-        accuracy = (1 - w) * out["bce"] + w * out["margin"]
-        beta = torch.as_tensor(beta, dtype=accuracy.dtype, device=accuracy.device)
-        out["loss"] = beta * accuracy + (1 - beta) * out["ddi"]
-        return out
+        with float32(logits):
+            logits = logits.float()
+            mask = batch["visit_mask"]
+            flat, target = logits[mask], batch["medications"][mask]
+            w = self.hparams.margin_weight
+            out = {
+                "bce": F.binary_cross_entropy_with_logits(flat, target),
+                "margin": F.multilabel_margin_loss(torch.sigmoid(flat), margin_targets(target)),
+                "ddi": self.hparams.ddi_loss_scale * ddi_loss(torch.sigmoid(logits), self.ddi_adj, mask),
+            }
+            accuracy = (1 - w) * out["bce"] + w * out["margin"]
+            beta = torch.as_tensor(beta, dtype=accuracy.dtype, device=accuracy.device)
+            out["loss"] = beta * accuracy + (1 - beta) * out["ddi"]
+            return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_cohort
 
 from train import main
@@ -37,9 +39,51 @@ def fast_dev_run(command: str, config: str, root: Path, *extra: str) -> None:
     )
 
 
+def _model_classes() -> set[type]:
+    from lightning_modules.base import MedRecModule
+
+    found, todo = set(), [MedRecModule]
+    while todo:
+        cls = todo.pop()
+        found.add(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+@pytest.fixture()
+def default_device_meta(monkeypatch):
+    """Runs every model's forward, loss and probabilities with torch's default device set to
+    ``meta``: a tensor created there without naming a device (which on a GPU run would land on
+    the CPU) is a meta tensor and fails on first use beside the model's CPU tensors. It cannot
+    see tensors made outside those methods (training-step bodies, callbacks, collate), CUDA
+    kernels missing for an op, or host syncs (``.item()``)."""
+
+    def on_meta(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            with torch.device("meta"):
+                return method(*args, **kwargs)
+
+        return wrapper
+
+    for cls in _model_classes():
+        for name in ("forward", "compute_loss", "predict_probabilities"):
+            if name in vars(cls):
+                monkeypatch.setattr(cls, name, on_meta(vars(cls)[name]))
+    return on_meta
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_config_runs_fast_dev_run(config, tiny_cohort_dir, in_tmp):
+def test_every_config_runs_fast_dev_run(config, tiny_cohort_dir, in_tmp, default_device_meta):
     fast_dev_run("fit", config, tiny_cohort_dir)
+
+
+def test_the_default_device_probe_catches_a_tensor_made_without_a_device(default_device_meta):
+    fixed = default_device_meta(lambda x: torch.zeros(2, device=x.device) + x)
+    buggy = default_device_meta(lambda x: torch.zeros(2) + x)
+    assert fixed(torch.ones(2)).tolist() == [1.0, 1.0]
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        buggy(torch.ones(2)).tolist()
 
 
 def test_fit_test_predict_with_checkpoint(tiny_cohort_dir, in_tmp, capsys):
