@@ -135,7 +135,7 @@ def read_checkpoint(path: Path, option: str = "--ckpt_path") -> dict:
     named = [checkpoint.get("medrec_model_class"), (checkpoint.get("hyper_parameters") or {}).get("_class_path")]
     for class_path in named:  # imported later: importing a module not loaded yet could run its code
         module = str(class_path).rpartition(".")[0]
-        if class_path is not None and not (module.startswith("lightning_modules") or module in sys.modules):
+        if class_path is not None and not ((module + ".").startswith("lightning_modules.") or module in sys.modules):
             raise CheckpointError(f"{option} {path}: names model class {class_path!r}, which is not a medrec model")
     return checkpoint
 

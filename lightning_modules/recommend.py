@@ -111,11 +111,13 @@ def load_model(path: str, map_location: str | torch.device = "cpu", kind: type |
     if class_path is None:
         raise CohortError(f"{path}: not a medrec checkpoint (no {MODEL_CLASS_KEY})")
     module, _, name = class_path.rpartition(".")
-    if not (module.startswith("lightning_modules") or module in sys.modules):  # an import could run code
+    if not ((module + ".").startswith("lightning_modules.") or module in sys.modules):  # an import could run code
         raise CohortError(f"{path}: names model class {class_path!r}, which is not a medrec model")
     model_class = getattr(importlib.import_module(module), name, None)
-    if not isinstance(model_class, type):
-        raise CohortError(f"{path}: names model class {class_path!r}, which this medrec does not have")
+    from lightning_modules.base import MedRecModule  # here: base imports this module
+
+    if not isinstance(model_class, type) or not issubclass(model_class, MedRecModule):
+        raise CohortError(f"{path}: names model class {class_path!r}, which is not a medrec model")
     if kind is not None and not issubclass(model_class, kind):
         raise CohortError(f"{path}: a {name} checkpoint, where a {kind.__name__} checkpoint is needed")
     return model_class.from_checkpoint(path, map_location=map_location)

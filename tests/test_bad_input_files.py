@@ -253,3 +253,13 @@ def test_recommend_refuses_malformed_visits(checkpoint, visits, message):
     with pytest.raises(VisitInputError, match=message) as info:
         rec.recommend(visits)
     assert isinstance(info.value, MedRecError)
+
+
+def test_checkpoint_naming_a_loaded_non_model_class_is_refused(tmp_path, checkpoint):
+    from lightning_modules.recommend import Recommender
+
+    crafted = torch.load(checkpoint[0], weights_only=True)
+    crafted["medrec_model_class"] = "subprocess.Popen"  # loaded already, but no medrec model
+    torch.save(crafted, tmp_path / "popen.ckpt")
+    with pytest.raises(CohortError, match=r"popen\.ckpt: names model class 'subprocess\.Popen', which is not a medrec"):
+        Recommender.from_checkpoint(str(tmp_path / "popen.ckpt"))
