@@ -51,7 +51,22 @@ def user_message(err: BaseException) -> str | None:
             return " ".join(str(cause).split())
         if isinstance(cause, argparse.ArgumentError):
             return option_error_line(str(cause))
-    return None
+    return instantiation_error_line(err)
+
+
+def instantiation_error_line(err: BaseException) -> str | None:
+    """A ValueError that a model's or DataModule's ``__init__`` raised for its arguments while
+    jsonargparse instantiated it (wrapped as "Does not validate ..."): one line naming the class."""
+    wrapped = str(err)
+    if not (isinstance(err, ValueError) and wrapped.startswith("Does not validate against any of the Union")):
+        return None
+    inner = err.__cause__
+    if not isinstance(inner, ValueError) or str(inner).startswith("Does not validate"):
+        return None
+    class_path = re.search(r"class_path='([^']+)'", wrapped)
+    option = "--data" if "LightningDataModule" in wrapped else "--model" if "MedRecModule" in wrapped else "option"
+    where = f"{option} {class_path.group(1)}" if class_path else option
+    return f"{where}: {' '.join(str(inner).split())}"
 
 
 _NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value type:", "- Expected a <class 'NoneType'>")

@@ -206,3 +206,21 @@ def test_ckpt_path_naming_a_module_outside_medrec_is_refused(cohort, tmp_path, c
         "which is not a medrec model"
     )
     assert "antigravity" not in sys.modules  # never imported (importing it runs code)
+
+
+@pytest.mark.parametrize(
+    "config, option, message",
+    [
+        ("miranda.yaml", "--model.init_args.heads=3", "--model lightning_modules.MiranDa: embedding_dim (64) must be"),
+        (
+            "gamenet.yaml",
+            "--model.init_args.margin_weight=2",
+            "--model lightning_modules.GAMENet: margin_weight must lie",
+        ),
+    ],
+)
+def test_value_error_of_an_init_is_one_line_naming_the_class(cohort, capsys, config, option, message):
+    args = fit_args(cohort, option)
+    args[1] = f"--config={ROOT / 'configs' / config}"
+    line = fails(capsys, *args)
+    assert line.startswith(f"medrec: error: {message}"), line
