@@ -147,8 +147,11 @@ class MedRecWandbLogger(WandbLogger):
             rank_zero_info("medrec: no W&B API key configured; logging offline (upload later with `wandb sync`)")
         super().__init__(project=project, name=name, tags=tags or None, **kwargs)
         if self._save_dir:
-            # wandb looks for a git repository from this folder and warns when it is missing.
+            # wandb looks for a git repository from this folder and warns when it is missing;
+            # and its service process (shared by the runs of one Python process) resolves a
+            # relative folder from its own working directory, not the run's.
             os.makedirs(self._save_dir, exist_ok=True)
+            self._wandb_init["dir"] = os.path.abspath(self._save_dir)
         # Lightning always passes `anonymous` (None unless set) and wandb >= 0.19 warns
         # "The anonymous setting has no effect" for any value given, None included.
         self._wandb_init.pop("anonymous", None)
