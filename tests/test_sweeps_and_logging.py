@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import main
+from train import main, make_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -82,7 +82,8 @@ def offline_run(save_dir: Path) -> dict:
         elif kind == "config":
             run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
-            run["history"].append({i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            items = record.history.item
+            run["history"].append({i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in items})
         elif kind == "summary":
             items = record.summary.update
             run["summary"].update({i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in items})
@@ -277,9 +278,12 @@ def test_wandb_run_is_named_by_method_data_and_seed(tiny_cohort_dir, tmp_path, m
     assert run["config"]["model.class_path"] == "lightning_modules.RETAIN"
     assert "config" not in run["config"]
     # The run keeps its own resolved config, which trains again as it is.
-    saved = yaml.safe_load((run["dir"] / "files" / "medrec_config.yaml").read_text())
+    saved_path = run["dir"] / "files" / "medrec_config.yaml"
+    saved = yaml.safe_load(saved_path.read_text())
     assert saved["model"]["init_args"]["lr"] == 0.0031 and saved["seed_everything"] == 7
     assert "anonymous setting" not in capfd.readouterr().err
+    cli = make_cli(["fit", "--config", str(saved_path), "--trainer.fast_dev_run=true"])  # README: retrain
+    assert cli.model.hparams.lr == 0.0031 and cli.datamodule.root == str(tiny_cohort_dir)
 
 
 def test_user_set_name_group_and_tags_win(tiny_cohort_dir, tmp_path, monkeypatch):
