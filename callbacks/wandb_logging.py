@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from datamodules.cohort import CohortError
 
@@ -230,7 +230,10 @@ class MedRecWandbLogger(WandbLogger):
         if not self._wandb_init.get("tags") and not os.environ.get("WANDB_TAGS"):
             run.tags = tuple(identity["tags"])
         if not self._wandb_init.get("group") and not os.environ.get("WANDB_RUN_GROUP"):
-            run._settings.run_group = identity["group"]
+            try:
+                run._settings.run_group = identity["group"]
+            except Exception as err:  # a wandb whose settings refuse it: the run just has no group
+                rank_zero_warn(f"medrec: could not set the W&B run group ({err})")
         if not self._wandb_init.get("name") and not os.environ.get("WANDB_NAME"):
             run.name = identity["name"]  # publishes the run record, group included
         elif getattr(run, "_interface", None) is not None:
