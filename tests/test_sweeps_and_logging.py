@@ -70,6 +70,15 @@ def wandb_records(run_dir: Path):
             yield record
 
 
+def finish_wandb() -> None:
+    """End the process's W&B run and its service: the service writes the run's ``.wandb`` file
+    to the end only when it closes the run's stream, which ``wandb.finish()`` does not wait for."""
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+
+
 def offline_run(save_dir: Path) -> dict:
     """Name, group, tags, config and summary of the one offline run under ``save_dir``."""
     (run_dir,) = (save_dir / "wandb").glob("offline-run-*")
@@ -211,7 +220,6 @@ def test_sweep_run_as_the_agent_starts_it(path, tiny_cohort_dir, tmp_path, monke
 def test_best_validation_score_is_in_every_validation_record(tmp_path, monkeypatch):
     """A run stopped after any epoch already ranks by its best epoch (best_val_jaccard)."""
     pytest.importorskip("wandb")
-    import wandb
 
     from callbacks.wandb_logging import MedRecWandbLogger
 
@@ -221,7 +229,7 @@ def test_best_validation_score_is_in_every_validation_record(tmp_path, monkeypat
     logger.track_best("val_ddi_rate", "min")
     for step, (jaccard, ddi) in enumerate([(0.30, 0.08), (0.50, 0.06), (0.40, 0.07)]):
         logger.log_metrics({"val_jaccard": jaccard, "val_ddi_rate": ddi, "epoch": step}, step=step)
-    wandb.finish()  # a run killed here keeps what it logged
+    finish_wandb()  # a run killed here keeps what it logged
     run = offline_run(tmp_path / "runs")
     assert [h["best_val_jaccard"] for h in run["history"]] == [0.30, 0.50, 0.50]
     assert [h["best_val_ddi_rate"] for h in run["history"]] == [0.08, 0.06, 0.06]
@@ -231,7 +239,6 @@ def test_best_validation_score_is_in_every_validation_record(tmp_path, monkeypat
 def test_sweep_run_without_data_root_is_refused(tmp_path, monkeypatch, capsys):
     """Under `wandb agent` a run on the synthetic default stops with a one-line error."""
     pytest.importorskip("wandb")
-    import wandb
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_SWEEP_ID", "testsweep")
@@ -243,7 +250,7 @@ def test_sweep_run_without_data_root_is_refused(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(args)
     finally:
-        wandb.finish()
+        finish_wandb()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "medrec: error: W&B sweep testsweep run has no data root" in err
@@ -251,7 +258,6 @@ def test_sweep_run_without_data_root_is_refused(tmp_path, monkeypatch, capsys):
 
 
 def fit_offline(tmp_path, monkeypatch, root, *extra) -> dict:
-    import wandb
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -264,7 +270,7 @@ def fit_offline(tmp_path, monkeypatch, root, *extra) -> dict:
     try:
         main(args)
     finally:
-        wandb.finish()
+        finish_wandb()
     return offline_run(tmp_path / "runs")
 
 
@@ -317,7 +323,6 @@ def test_wandb_logger_goes_offline_without_a_key(tiny_cohort_dir, tmp_path, monk
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    import wandb
 
     try:
         main(
@@ -334,7 +339,7 @@ def test_wandb_logger_goes_offline_without_a_key(tiny_cohort_dir, tmp_path, monk
             ]
         )
     finally:
-        wandb.finish()
+        finish_wandb()
     assert os.environ["WANDB_MODE"] == "offline"
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert runs, list(tmp_path.rglob("*"))[:20]
