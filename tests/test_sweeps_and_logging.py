@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BENCHMARK, needs_benchmark
 
 from train import main, make_cli
 
@@ -123,6 +124,15 @@ def test_sweep_file_is_well_formed(path):
     assert configs[0] == f"configs/{path.stem}.yaml" or (ROOT / configs[0]).is_file()
     assert all((ROOT / c).is_file() for c in configs), configs
     assert "configs/logger/wandb.yaml" in configs
+
+
+@needs_benchmark
+def test_sweep_data_roots_name_the_benchmark_from_the_repository_root():
+    """Agents run from the repository root; the files' default data is the shared benchmark."""
+    roots = {path.stem: load_sweep(path)["parameters"]["data.init_args.root"]["value"] for path in SWEEPS}
+    assert roots.pop("miranda") == "cohorts/mimic3"  # needs length of stay: a medrec-prepare cohort
+    assert set(roots.values()) == {"../shared/data/mimic3-safedrug"}
+    assert (ROOT / "../shared/data/mimic3-safedrug").resolve() == BENCHMARK.resolve()
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
