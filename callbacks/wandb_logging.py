@@ -163,6 +163,7 @@ class MedRecWandbLogger(WandbLogger):
             self._wandb_init.pop("entity", None)
         self._best_modes: dict[str, str] = dict(best_metrics or {"val_jaccard": "max"})
         self._best: dict[str, float] = {}
+        self._checkpoint_of: dict[str, Any] = {}  # monitored metric -> its ModelCheckpoint
 
     # -- best validation score ------------------------------------------------------------
     def track_best(self, metric: str, mode: str) -> None:
@@ -180,8 +181,14 @@ class MedRecWandbLogger(WandbLogger):
             if math.isnan(value):
                 continue
             best = self._best.get(name)
-            if best is None or (value > best if mode == "max" else value < best):
-                self._best[name] = best = value
+            # A resumed fit starts with the checkpoint's best from before the interruption.
+            restored = getattr(self._checkpoint_of.get(name), "best_model_score", None)
+            for candidate in (value, None if restored is None else float(restored)):
+                if candidate is not None and (
+                    best is None or (candidate > best if mode == "max" else candidate < best)
+                ):
+                    best = candidate
+            self._best[name] = best
             metrics.setdefault(f"best_{name}", best)
         return metrics
 
@@ -205,6 +212,9 @@ class MedRecWandbLogger(WandbLogger):
         for callback in (trainer.checkpoint_callback, trainer.early_stopping_callback):
             if callback is not None and getattr(callback, "monitor", None) and getattr(callback, "mode", None):
                 self.track_best(callback.monitor, callback.mode)
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and self._best_modes.get(checkpoint.monitor) == getattr(checkpoint, "mode", None):
+            self._checkpoint_of[checkpoint.monitor] = checkpoint
         run = self.experiment
         if getattr(run, "disabled", False) or not hasattr(run, "config"):
             return

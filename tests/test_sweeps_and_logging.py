@@ -246,6 +246,23 @@ def test_best_validation_score_is_in_every_validation_record(tmp_path, monkeypat
     assert run["summary"]["best_val_jaccard"] == 0.50 and run["summary"]["val_jaccard"] == 0.40
 
 
+def test_best_validation_score_of_a_resumed_fit_counts_the_checkpoints_best(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from callbacks.wandb_logging import MedRecWandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = MedRecWandbLogger(save_dir=str(tmp_path / "runs"))
+    checkpoint = SimpleNamespace(monitor="val_jaccard", mode="max", best_model_score=None)
+    trainer = SimpleNamespace(checkpoint_callback=checkpoint, early_stopping_callback=None)
+    monkeypatch.setattr(MedRecWandbLogger, "experiment", SimpleNamespace(disabled=True))
+    logger.describe_run(trainer, "data: {init_args: {root: somewhere}}", [])
+    checkpoint.best_model_score = 0.45  # restored from the checkpoint a fit resumes from
+    assert logger._with_best({"val_jaccard": 0.40})["best_val_jaccard"] == 0.45
+    assert logger._with_best({"val_jaccard": 0.50})["best_val_jaccard"] == 0.50
+
+
 def test_sweep_run_without_data_root_is_refused(tmp_path, monkeypatch, capsys):
     """Under `wandb agent` a run on the synthetic default stops with a one-line error."""
     pytest.importorskip("wandb")
