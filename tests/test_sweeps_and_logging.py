@@ -178,41 +178,65 @@ def agent_command(sweep: dict, parameters: dict, monkeypatch) -> tuple[list[str]
     return started["command"], started["env"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_sweep_run_as_the_agent_starts_it(path, tiny_cohort_dir, tmp_path, monkeypatch):
-    """One sampled run of every sweep file, started exactly as `wandb agent` starts it (offline).
+AGENT_TEST = "test_sweep_run_as_the_agent_starts_it"
+
+
+@pytest.fixture(scope="module")
+def agent_runs(request, tiny_cohort_dir, tmp_path_factory):
+    """One sampled run of each selected sweep file, started as `wandb agent` starts it (offline),
+    two at a time (a 2-core machine): {sweep name: (parameters, command, process, save_dir)}.
 
     The sweep's data root is pointed at a tiny cohort and the run is cut to a few batches by
     extra fixed parameters, as a user would edit the file; everything else is the file's.
     """
-    sweep = load_sweep(path)
-    rng = random.Random(1)
-    parameters = {name: sample(spec, rng) for name, spec in sweep["parameters"].items()}
-    parameters.update(
-        {
-            "data.init_args.root": str(tiny_cohort_dir),
-            "trainer.max_epochs": 2,
-            "trainer.limit_train_batches": 2,
-            "trainer.limit_val_batches": 2,
-            "trainer.logger.init_args.save_dir": str(tmp_path / "runs"),
-        }
-    )
-    monkeypatch.setenv("WANDB_SWEEP_ID", "testsweep")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    command, env = agent_command(sweep, parameters, monkeypatch)
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = {item.callspec.id for item in request.session.items if item.name.startswith(f"{AGENT_TEST}[")}
+    jobs = {}
+    for path in (p for p in SWEEPS if p.stem in selected):
+        folder = tmp_path_factory.mktemp(f"sweep-{path.stem}")
+        sweep, rng = load_sweep(path), random.Random(1)
+        parameters = {name: sample(spec, rng) for name, spec in sweep["parameters"].items()}
+        parameters.update(
+            {
+                "data.init_args.root": str(tiny_cohort_dir),
+                "trainer.max_epochs": 2,
+                "trainer.limit_train_batches": 2,
+                "trainer.limit_val_batches": 2,
+                "trainer.logger.init_args.save_dir": str(folder / "runs"),
+            }
+        )
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setenv("WANDB_SWEEP_ID", "testsweep")
+            monkeypatch.setenv("WANDB_MODE", "offline")
+            monkeypatch.setenv("WANDB_DIR", str(folder))
+            monkeypatch.setenv("OMP_NUM_THREADS", "1")
+            monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+            command, env = agent_command(sweep, parameters, monkeypatch)
+        jobs[path.stem] = (parameters, command, env, folder / "runs")
+
+    def start(job):
+        parameters, command, env, save_dir = job
+        done = subprocess.run(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        return parameters, command, done, save_dir
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(jobs, pool.map(start, jobs.values())))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_run_as_the_agent_starts_it(path, agent_runs, tiny_cohort_dir):
+    """Every sweep file's command, as `wandb agent` expands it, trains and logs a named run
+    whose summary holds the sweep metric as the best validation score."""
+    parameters, command, done, save_dir = agent_runs[path.stem]
     assert command[:3] == ["/usr/bin/env", "python", "train.py"]
     assert f"--data.init_args.root={tiny_cohort_dir}" in command
-
-    done = subprocess.run(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     for noise in ("anonymous", "locked by", "Ignoring project"):
         assert noise not in done.stderr, done.stderr[-3000:]
 
-    run = offline_run(tmp_path / "runs")
+    run = offline_run(save_dir)
     method = path.stem
     assert (run["name"], run["group"]) == (f"{method}-tiny-s42", f"{method}-tiny")
     assert run["tags"] == [method, "tiny", "seed:42"]
@@ -223,7 +247,7 @@ def test_sweep_run_as_the_agent_starts_it(path, tiny_cohort_dir, tmp_path, monke
     # The sweep metric is in the summary and is the best validation Jaccard, not the last.
     jaccards = [h["val_jaccard"] for h in run["history"] if "val_jaccard" in h]
     assert len(jaccards) == 2
-    assert run["summary"][sweep["metric"]["name"]] == pytest.approx(max(jaccards))
+    assert run["summary"][load_sweep(path)["metric"]["name"]] == pytest.approx(max(jaccards))
     assert (run["dir"] / "files" / "medrec_config.yaml").is_file()
 
 
