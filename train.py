@@ -73,8 +73,13 @@ class LoggedConfig(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+        text = self.parser.dump(self.config, skip_none=False)
+        # MedRecWandbLogger names the run and logs the config as dotted keys (callbacks/wandb_logging.py).
+        describe_run = getattr(trainer.logger, "describe_run", None)
+        if describe_run is not None:
+            describe_run(trainer, text, [str(path) for path in self.config.get("config") or []])
+        elif trainer.logger is not None:
+            trainer.logger.log_hyperparams({"config": text})
 
 
 class MedRecCLI(LightningCLI):
