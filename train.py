@@ -10,12 +10,14 @@ from typing import Literal
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks.progress import MedRecModelSummary, progress_bar
 from callbacks.recommendation_writer import RecommendationWriter
+from callbacks.wandb_logging import MedRecWandbLogger, name_wandb_run
 from datamodules.cohort import CohortError
 from lightning_modules.base import MedRecModule
 from lightning_modules.checkpoints import RunLayout, import_class, read_checkpoint, resolve_checkpoint
@@ -198,6 +200,11 @@ class MedRecCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         set_threads(self._config_value("threads"))
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.get("logger")
+        if isinstance(logger, Namespace) and issubclass(import_class(logger.class_path), MedRecWandbLogger):
+            files = [str(path) for path in config.get("config") or []]
+            name_wandb_run(logger.init_args, config.clone().as_dict(), files)
 
     def _config_value(self, key: str):
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from datamodules.cohort import CohortError
 
@@ -201,9 +201,9 @@ class MedRecWandbLogger(WandbLogger):
     def describe_run(self, trainer, config_yaml: str, config_files: list[str]) -> None:
         """Take the run's resolved config (rank 0, from train.py's config callback).
 
-        Names, groups and tags the run where the user did not, logs the config as dotted
-        keys, stores it as ``medrec_config.yaml`` with the run, and tracks the best value of
-        the checkpoint and early-stopping monitors.
+        Logs the config as dotted keys, stores it as ``medrec_config.yaml`` with the run, and
+        tracks the best value of the checkpoint and early-stopping monitors. (The run's name,
+        group and tags were set before it started: ``name_wandb_run``, called by train.py.)
         """
         import yaml
 
@@ -218,7 +218,6 @@ class MedRecWandbLogger(WandbLogger):
         run = self.experiment
         if getattr(run, "disabled", False) or not hasattr(run, "config"):
             return
-        self._set_identity(run, run_identity(config, config_files))
         flat = flatten_config(config)
         # A sweep run's config already holds its parameters under these very names (locked
         # by the agent); sending them again would only print "locked by 'sweep'" warnings.
@@ -229,22 +228,12 @@ class MedRecWandbLogger(WandbLogger):
             path.write_text(config_yaml)
             run.save(str(path), base_path=run.dir, policy="now")
 
-    def _set_identity(self, run, identity: dict[str, Any]) -> None:
-        """Apply name, group and tags the user left unset (logger arguments or WANDB_* variables).
 
-        Lightning starts the W&B run before the config callback runs, so they are set on the
-        live run: ``name`` and ``tags`` through wandb's setters; wandb has no setter for the
-        group, so it goes into the run's settings and the run record is sent again (the same
-        update the name setter sends), which wandb-core uploads as the run's group.
-        """
-        if not self._wandb_init.get("tags") and not os.environ.get("WANDB_TAGS"):
-            run.tags = tuple(identity["tags"])
-        if not self._wandb_init.get("group") and not os.environ.get("WANDB_RUN_GROUP"):
-            try:
-                run._settings.run_group = identity["group"]
-            except Exception as err:  # a wandb whose settings refuse it: the run just has no group
-                rank_zero_warn(f"medrec: could not set the W&B run group ({err})")
-        if not self._wandb_init.get("name") and not os.environ.get("WANDB_NAME"):
-            run.name = identity["name"]  # publishes the run record, group included
-        elif getattr(run, "_interface", None) is not None:
-            run._interface.publish_run(run)
+def name_wandb_run(logger_args, config: Mapping[str, Any], config_files: list[str]) -> None:
+    """Fill the logger's unset ``name``, ``group`` and ``tags`` (``logger_args``: its init
+    arguments, before it is built) from the run's method, data and seed; values the user gave,
+    as arguments or as WANDB_NAME / WANDB_RUN_GROUP / WANDB_TAGS, are kept."""
+    identity = run_identity(config, config_files)
+    for key, variable in (("name", "WANDB_NAME"), ("group", "WANDB_RUN_GROUP"), ("tags", "WANDB_TAGS")):
+        if not logger_args.get(key) and not os.environ.get(variable):
+            logger_args[key] = identity[key]

@@ -339,8 +339,13 @@ def test_wandb_run_is_named_by_method_data_and_seed(tiny_cohort_dir, tmp_path, m
     saved = yaml.safe_load(saved_path.read_text())
     assert saved["model"]["init_args"]["lr"] == 0.0031 and saved["seed_everything"] == 7
     assert "anonymous setting" not in capfd.readouterr().err
-    cli = make_cli(["fit", "--config", str(saved_path), "--trainer.fast_dev_run=true"])  # README: retrain
+    # README: retrain from it, then test the new run's best checkpoint
+    retrain = ["--config", str(saved_path), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
+    cli = make_cli(["fit", *retrain])
     assert cli.model.hparams.lr == 0.0031 and cli.datamodule.root == str(tiny_cohort_dir)
+    tested = make_cli(["test", "--config", str(saved_path), "--ckpt_path", "best"])
+    assert tested.config.test.ckpt_path == cli.trainer.checkpoint_callback.best_model_path
+    assert "test_jaccard" in tested.trainer.callback_metrics
 
 
 def test_user_set_name_group_and_tags_win(tiny_cohort_dir, tmp_path, monkeypatch):
