@@ -28,9 +28,7 @@ Mapping files are found, for each public file name, at (first hit wins):
 from __future__ import annotations
 
 import ast
-import builtins
 import collections
-import copyreg
 import csv
 import os
 import pickle
@@ -39,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import pandas as pd
 
 from datamodules.cohort import CohortError
@@ -79,6 +76,7 @@ def option_hint(keys: tuple[str, ...] | list[str], options_from: str = "prepare"
         )
     flags = "/".join(f"--{k}" for k in keys)
     return f"pass {flags}, or their folder ({folder} or ${MAPPINGS_ENV}); see {README_SECTION}"
+
 
 ATC3_PATTERN = re.compile(r"^[A-Z][0-9]{2}[A-Z]$")
 
@@ -207,21 +205,13 @@ def ndc_to_atc3(
 
 def missing_drug_mapping(files: dict[str, Path | None], options_from: str = "prepare") -> str:
     """The message for a missing NDC -> ATC mapping: which file is missing and how to supply it."""
-    have = [str(files[k]) for k in ("ndc2rxcui", "rxcui2atc4") if files.get(k)]
-    missing = [f"{MAPPING_FILES[k][0]} (or {MAPPING_FILES[k][1]})" for k in ("ndc2rxcui", "rxcui2atc4") if not files.get(k)]
-    if options_from == "train":
-        how = (
-            f"put them in a folder and pass --data.init_args.mappings=DIR (or set ${MAPPINGS_ENV}, or place "
-            "them next to the MIMIC tables)"
-        )
-    else:
-        how = (
-            "pass --ndc2rxcui/--rxcui2atc4 (or --ndc_atc for a plain ndc,atc CSV), or their folder "
-            f"(--mappings DIR or ${MAPPINGS_ENV})"
-        )
+    chain = ("ndc2rxcui", "rxcui2atc4")
+    have = [str(files[k]) for k in chain if files.get(k)]
+    missing = [f"{MAPPING_FILES[k][0]} (or {MAPPING_FILES[k][1]})" for k in chain if not files.get(k)]
+    keys = chain if options_from == "train" else (*chain, "ndc_atc")
     return (
-        f"no NDC -> ATC drug mapping found: missing {' and '.join(missing)} (found {have or 'neither'}); "
-        f"a two-column ndc,atc CSV (ndc_atc.csv) replaces both; {how}; where to get them: {README_SECTION}"
+        f"no NDC -> ATC drug mapping found: missing {' and '.join(missing)} (found {', '.join(have) or 'neither'}); "
+        f"a two-column ndc,atc CSV (ndc_atc.csv) replaces both; {option_hint(keys, options_from)}"
     )
 
 
