@@ -107,8 +107,9 @@ class SafeDrug(MedRecModule):
     Drugs without a parseable molecule (reported by ``datamodules.molecules``): with
     ``missing_molecules="fallback"`` the drug's memory row is a learned embedding and its
     row of H gets one private placeholder substructure (one warning with their count and
-    share); ``"error"`` refuses such data. A cohort with no molecule at all is refused unless
-    ``allow_missing_molecules``: SafeDrug would then be a GRU with learned drug embeddings.
+    share); ``"error"`` refuses such data. A cohort with no molecule at all is refused (when the
+    Trainer sets the module up) unless ``allow_missing_molecules``: SafeDrug would then be a GRU
+    with learned drug embeddings.
     Likewise a fit with a DDI controller on a cohort without any adverse DDI pair is refused
     unless ``allow_no_ddi``.
 
@@ -221,13 +222,21 @@ class SafeDrug(MedRecModule):
             return
         if policy == "error":
             require_molecules(missing, medications, by="SafeDrug")
-        warning = molecule_coverage(
-            missing, medications, "SafeDrug", self.hparams.allow_missing_molecules, self.knowledge.source
-        )
         if getattr(self, "_warned_missing", False):  # the global and the local encoder both check
             return
         self._warned_missing = True
-        log.warning(warning)
+        if len(missing) == len(medications) and not self.hparams.allow_missing_molecules:
+            # Refused in setup, not here: train.py reports a CohortError raised there as one line,
+            # while jsonargparse wraps one raised while it builds the model.
+            self._no_molecules = list(missing)
+            return
+        log.warning(molecule_coverage(missing, medications, "SafeDrug", True, self.knowledge.source))
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if getattr(self, "_no_molecules", None):
+            molecule_coverage(self._no_molecules, self.knowledge.vocab["medication"], "SafeDrug", False,
+                              self.knowledge.source)  # fmt: skip
 
     def on_fit_start(self) -> None:
         if self.ddi_controller is not None and self.hparams.ddi_loss_scale > 0:

@@ -150,7 +150,9 @@ def test_restricted_reader_reads_old_dill_files_and_runs_nothing(tmp_path):
     assert voc["med_voc"].idx2word == {0: "seperator", 1: "decoder_point", 2: "N02B", 3: "A01A"}
     assert not hasattr(voc["med_voc"], "add_sentence") and not hasattr(type(voc["med_voc"]), "__init__code")
     write_ddi_matrix(tmp_path / "ddi_A_final.pkl", ["X", "Y", "Z"], [("X", "Z")])
-    np.testing.assert_array_equal(read_third_party_pickle(tmp_path / "ddi_A_final.pkl"), [[0, 0, 1], [0, 0, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(
+        read_third_party_pickle(tmp_path / "ddi_A_final.pkl"), [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
+    )
     write_idx2drug(tmp_path / "idx2drug.pkl", {"A01A": ["CCO", "C"]})
     assert read_third_party_pickle(tmp_path / "idx2drug.pkl") == {"seperator": {}, "A01A": {"CCO", "C"}}
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(shutil.rmtree))  # a non-data global
@@ -293,10 +295,13 @@ def test_readme_commands_from_raw_tables_with_gamenet_files(raw, reference, tmp_
 DEMO_ATC4 = {  # the demo's most prescribed drugs by name (as in test_mimic_etl), and a molecule each
     "furosemide": ("C03CA", "NS(=O)(=O)c1cc(C(=O)O)c(NCc2ccco2)cc1Cl"),
     "sodium chloride": ("B05XA", "[Na+].[Cl-]"),
+    "ns": ("B05XA", "[Na+].[Cl-]"),
     "potassium chloride": ("A12BA", "[K+].[Cl-]"),
     "magnesium sulfate": ("A12CC", "[Mg++].[O-]S([O-])(=O)=O"),
+    "d5w": ("B05BA", "OCC1OC(O)C(O)C(O)C1O"),
     "dextrose": ("B05BA", "OCC1OC(O)C(O)C(O)C1O"),
     "heparin": ("B01AB", "CC(=O)NC1C(O)OC(CO)C(O)C1O"),
+    "lr": ("B05BB", "CC(O)C([O-])=O.[Na+]"),
     "vancomycin": ("J01XA", "CC1OC(CC(C)(N)C1O)OC1C(O)C(O)C(CO)OC1O"),
     "morphine": ("N02AA", "CN1CCC23C4Oc5c3c(CC1C2C=CC4O)ccc5O"),
     "calcium gluconate": ("A12AA", "[Ca++].OCC(O)C(O)C(O)C(O)C([O-])=O"),
@@ -367,7 +372,7 @@ def test_safedrug_refuses_a_cohort_without_molecules(tmp_path, capsys, monkeypat
     monkeypatch.chdir(tmp_path)
     dm = VisitSequenceDataModule(root=str(cohort_folder(tmp_path)), batch_size=4)
     with pytest.raises(CohortError) as err:
-        SafeDrug(knowledge=dm.knowledge)
+        _fit(SafeDrug(knowledge=dm.knowledge), dm, [])
     message = str(err.value)
     assert "none of the 4 drug(s)" in message and "drugbank_drugs_info.csv" in message and SECTION in message
     assert "--model.init_args.allow_missing_molecules=true" in message
@@ -397,16 +402,17 @@ def test_allow_missing_molecules_trains_on_fallback_embeddings(tmp_path, caplog,
     monkeypatch.chdir(tmp_path)
     folder = cohort_folder(tmp_path)
     args = ["fit", "--config", str(ROOT / "configs" / "safedrug.yaml"), f"--data.init_args.root={folder}",
-            "--model.init_args.allow_missing_molecules=true", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
-            *QUICK]  # fmt: skip
+            "--model.init_args.allow_missing_molecules=true", *QUICK]  # fmt: skip
     with caplog.at_level(logging.WARNING):
         train_main(args)
-    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    assert len(list((tmp_path / "runs").rglob("last.ckpt"))) == 1
     assert sum("4 of 4 drug(s) (100.0 %)" in r.getMessage() for r in caplog.records) == 1
 
 
 def _fit(model, dm, callbacks):
-    quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=callbacks).fit(model, datamodule=dm)
+    quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=callbacks).fit(
+        model, datamodule=dm
+    )
 
 
 @pytest.mark.parametrize(
@@ -443,7 +449,7 @@ def test_demo_cohort_without_molecules_is_refused_by_safedrug(tmp_path, monkeypa
     dm = VisitSequenceDataModule(root=str(DEMO), mappings=str(maps), cache_dir=str(tmp_path / "cache"), batch_size=4)
     assert dm.knowledge.num_medications == 14 and not dm.knowledge.smiles and not dm.knowledge.ddi_adj.any()
     with pytest.raises(CohortError, match="SafeDrug needs drug molecules, but none of the 14 drug"):
-        SafeDrug(knowledge=dm.knowledge)
+        _fit(SafeDrug(knowledge=dm.knowledge, embedding_dim=8), dm, [])
     model = SafeDrug(knowledge=dm.knowledge, embedding_dim=8, allow_missing_molecules=True, allow_no_ddi=True)
     _fit(model, dm, [PIDDDIController(target_ddi=0.06)])
 
