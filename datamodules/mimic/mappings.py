@@ -343,10 +343,10 @@ def read_third_party_pickle(path: str | os.PathLike) -> Any:
     try:
         with open(path, "rb") as fh:
             return _RestrictedUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as err:
-        raise CohortError(f"{path}: cannot be read as a data pickle ({type(err).__name__}: {err})") from None
     except OSError as err:
         raise CohortError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except Exception as err:  # a damaged or foreign pickle fails in many ways; all mean the same here
+        raise CohortError(f"{path}: cannot be read as a data pickle ({type(err).__name__}: {err})") from None
 
 
 def _words(vocabulary: Any) -> list[str]:
