@@ -38,14 +38,14 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--cache_dir", type=str | None, default=None, help="cache folder when --out is not given")
     parser.add_argument("--force", type=bool, default=False, help="rebuild even if the output is up to date")
     parser.add_argument("--quiet", type=bool, default=False, help="print only the output folder")
-    parser.add_class_arguments(EtlOptions, None)
+    parser.add_class_arguments(EtlOptions, None, skip={"options_from"})  # train.py's messages only
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser()
     args = parser.parse_args(argv)
-    options = EtlOptions(**{f.name: args[f.name] for f in fields(EtlOptions)})
+    options = EtlOptions(**{f.name: args[f.name] for f in fields(EtlOptions) if f.name in args})
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:
