@@ -44,17 +44,14 @@ def quiet_lightning() -> None:
             logger.addFilter(_DropAdverts())
 
 
-def run_folder(trainer: L.Trainer) -> Path:
-    """The folder of this fit's checkpoints' run: ``<save_dir>/<name>/<version>`` as ModelCheckpoint
-    lays it out, or an explicit ``--checkpoint.dirpath``."""
+def run_folder(trainer: L.Trainer, explicit_dirpath: bool = False) -> Path | None:
+    """The folder of this fit: ``<save_dir>/<name>/<version>``, parent of the ``checkpoints/``
+    ModelCheckpoint lays out there, or an explicit ``--checkpoint.dirpath`` itself."""
     callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath:
-        return Path(callback.dirpath)
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-        return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
-    return Path(trainer.default_root_dir)
+    if callback is None or not callback.dirpath:
+        return None
+    folder = Path(callback.dirpath)
+    return folder if explicit_dirpath or folder.name != "checkpoints" else folder.parent
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -65,17 +62,21 @@ class LoggedConfig(SaveConfigCallback):
         if self.already_saved:
             return
         if trainer.is_global_zero:
-            if stage == "fit":  # an evaluation of a run keeps the config the run was trained with
-                folder = run_folder(trainer)
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / self.config_filename
-                self.parser.save(self.config, str(path), skip_unset=False, overwrite=True, multifile=self.multifile)
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Written once ModelCheckpoint has resolved its folder (and checked that it is empty);
+        # an evaluation of a run keeps the config the run was trained with.
+        folder = run_folder(trainer, explicit_dirpath=self.config.checkpoint.get("dirpath") is not None)
+        if trainer.is_global_zero and folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / self.config_filename
+            self.parser.save(self.config, str(path), skip_unset=False, overwrite=True, multifile=self.multifile)
+
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        text = self.parser.dump(self.config, skip_none=False)
+        text = self.parser.dump(self.config, skip_unset=False)
         # MedRecWandbLogger names the run and logs the config as dotted keys (callbacks/wandb_logging.py).
         describe_run = getattr(trainer.logger, "describe_run", None)
         if describe_run is not None:
