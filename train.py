@@ -10,12 +10,14 @@ from typing import Literal
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks.progress import MedRecModelSummary, progress_bar
 from callbacks.recommendation_writer import RecommendationWriter
+from callbacks.wandb_logging import MedRecWandbLogger, name_wandb_run
 from datamodules.cohort import CohortError
 from datamodules.errors import run_reporting_errors
 from lightning_modules.base import MedRecModule
@@ -43,17 +45,14 @@ def quiet_lightning() -> None:
             logger.addFilter(_DropAdverts())
 
 
-def run_folder(trainer: L.Trainer) -> Path:
-    """The folder of this fit's checkpoints' run: ``<save_dir>/<name>/<version>`` as ModelCheckpoint
-    lays it out, or an explicit ``--checkpoint.dirpath``."""
+def run_folder(trainer: L.Trainer, explicit_dirpath: bool = False) -> Path | None:
+    """The folder of this fit: ``<save_dir>/<name>/<version>``, parent of the ``checkpoints/``
+    ModelCheckpoint lays out there, or an explicit ``--checkpoint.dirpath`` itself."""
     callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath:
-        return Path(callback.dirpath)
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-        return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
-    return Path(trainer.default_root_dir)
+    if callback is None or not callback.dirpath:
+        return None
+    folder = Path(callback.dirpath)
+    return folder if explicit_dirpath or folder.name != "checkpoints" else folder.parent
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -64,18 +63,27 @@ class LoggedConfig(SaveConfigCallback):
         if self.already_saved:
             return
         if trainer.is_global_zero:
-            if stage == "fit":  # an evaluation of a run keeps the config the run was trained with
-                folder = run_folder(trainer)
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / self.config_filename
-                self.parser.save(self.config, str(path), skip_unset=False, overwrite=True, multifile=self.multifile)
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Written once ModelCheckpoint has resolved its folder (and checked that it is empty);
+        # an evaluation of a run keeps the config the run was trained with.
+        folder = run_folder(trainer, explicit_dirpath=self.config.checkpoint.get("dirpath") is not None)
+        if trainer.is_global_zero and folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / self.config_filename
+            self.parser.save(self.config, str(path), skip_unset=False, overwrite=True, multifile=self.multifile)
+
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+        text = self.parser.dump(self.config, skip_unset=False)
+        # MedRecWandbLogger names the run and logs the config as dotted keys (callbacks/wandb_logging.py).
+        describe_run = getattr(trainer.logger, "describe_run", None)
+        if describe_run is not None:
+            describe_run(trainer, text, [str(path) for path in self.config.get("config") or []])
+        elif trainer.logger is not None:
+            trainer.logger.log_hyperparams({"config": text})
 
 
 class MedRecCLI(LightningCLI):
@@ -194,6 +202,11 @@ class MedRecCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         set_threads(self._config_value("threads"))
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.get("logger")
+        if isinstance(logger, Namespace) and issubclass(import_class(logger.class_path), MedRecWandbLogger):
+            files = [str(path) for path in config.get("config") or []]
+            name_wandb_run(logger.init_args, config.clone().as_dict(), files)
 
     def _config_value(self, key: str):
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gamma-report", default=None, help="JSON rows {gamma, jaccard, ddi_rate} of a γ sweep")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads per run (default: torch's; use cores / jobs)"
+        "--threads", type=int, default=None, help="train.py --threads of each run (default: train.py's, 1)"
     )
     return parser.parse_args(argv)
 
@@ -63,11 +63,10 @@ def run_one(config: str, seed: int, opts: argparse.Namespace) -> dict:
     if opts.epochs:
         command += ["--epochs", str(opts.epochs)]
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
     if opts.threads:
-        env["OMP_NUM_THREADS"] = str(opts.threads)  # torch sizes its intra-op pool from it
+        command += ["--threads", str(opts.threads)]
     with open(out / "log.txt", "w") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{Path(config).stem} seed {seed} failed; see {out / 'log.txt'}")
     return json.loads((out / "results.json").read_text())
@@ -95,6 +94,17 @@ def summarise(results: pd.DataFrame, reference: str) -> pd.DataFrame:
         row["params"] = int(group["params"].iloc[0])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def provenance(argv: list[str]) -> str:
+    """The report's first lines: the command that regenerates it and the commit it ran at."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (no git checkout)"
+    return f"Command: `python benchmarks/leaderboard.py {shlex.join(argv)}`  \nCommit: `{commit}`\n\n"
 
 
 def markdown(summary: pd.DataFrame, data: str, seeds: list[int], reference: str) -> str:
@@ -207,7 +217,8 @@ def main(argv=None) -> pd.DataFrame:
     summary = summarise(results, reference)
     summary.to_csv(out / "summary.csv", index=False)
     data_name = Path(opts.data).name if opts.data else "synthetic"
-    (out / "report.md").write_text(markdown(summary, data_name, opts.seeds, reference))
+    argv = sys.argv[1:] if argv is None else argv
+    (out / "report.md").write_text(provenance(argv) + markdown(summary, data_name, opts.seeds, reference))
     plot_accuracy_vs_safety(summary, out / "jaccard_vs_ddi.png")
     plot_validation_curves(out, list(summary["method"]), opts.seeds[0], out / "validation_curves.png")
     if opts.gamma_report:

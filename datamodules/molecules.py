@@ -97,6 +97,38 @@ def require_molecules(missing: Sequence[int], medications: Sequence[str], by: st
         )
 
 
+KNOWLEDGE_SECTION = 'README "Where each file comes from"'
+MOLECULE_SOURCES = (
+    "DrugBank's drugbank_drugs_info.csv (or a processed atc3toSMILES.pkl / idx2drug.pkl) in the mappings "
+    "folder when the cohort is built from raw MIMIC, or SMILES in the cohort's smiles.json"
+)
+
+
+def molecule_coverage(
+    missing: Sequence[int], medications: Sequence[str], by: str, allow_none: bool, source: str = "the cohort"
+) -> str | None:
+    """Check how many drugs have a molecule: none at all is refused unless ``allow_none``.
+
+    Returns the warning to give once (count and share of drugs left to a learned fallback), or
+    None when every drug has a molecule. The error names the files that supply molecules, the
+    README section on where to get them, and the option that accepts the fallback.
+    """
+    if not missing:
+        return None
+    total = len(medications)
+    if len(missing) == total and not allow_none:
+        raise CohortError(
+            f"{by} needs drug molecules, but none of the {total} drug(s) of {source} has a parseable SMILES: "
+            f"supply {MOLECULE_SOURCES} (see {KNOWLEDGE_SECTION}), or pass "
+            f"--model.init_args.allow_missing_molecules=true to train on learned fallback embeddings instead"
+        )
+    codes = [medications[d] for d in missing]
+    return (
+        f"{by}: {len(codes)} of {total} drug(s) ({100 * len(codes) / total:.1f} %) have no parseable molecule "
+        f"and use a learned fallback embedding: {codes[:10]}{' ...' if len(codes) > 10 else ''}"
+    )
+
+
 # --- atom graphs -----------------------------------------------------------------------
 def _digest(*parts) -> str:
     return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()

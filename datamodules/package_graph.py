@@ -511,6 +511,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
         synthetic_seed: int = 0,
         synthetic_options: dict[str, int | float] | None = None,
         cache_dir: str | None = None,
+        mappings: str | None = None,
         negative_packages: int = 10,
         similar_patients: int = 10,
         cooccurrence_threshold: float = 0.01,
@@ -534,6 +535,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             synthetic_seed=synthetic_seed,
             synthetic_options=synthetic_options,
             cache_dir=cache_dir,
+            mappings=mappings,
         )
         if negative_packages < 0 or similar_patients < 1:
             raise ValueError(

@@ -157,6 +157,14 @@ def synthetic_spec(patients: int, seed: int, options: dict) -> SyntheticSpec:
     return SyntheticSpec(patients=patients, seed=seed, **values)
 
 
+def raw_mimic_options(mappings: str | None):
+    """ETL options of a raw MIMIC root read through this DataModule: the reference processing,
+    mapping files from ``mappings``, and error messages that name ``--data.init_args.*``."""
+    from datamodules.mimic.etl import EtlOptions
+
+    return EtlOptions(mappings=mappings, options_from="train")
+
+
 class VisitSequenceDataModule(L.LightningDataModule):
     """Loads a cohort (or the synthetic default), splits patients and batches visit sequences.
 
@@ -175,6 +183,9 @@ class VisitSequenceDataModule(L.LightningDataModule):
             ``{regimens: 150, vulnerable_age: 60}`` (interactions avoided only for patients aged 60+);
             ``extra_ddi_pairs: 150`` adds that many synthetic antagonistic pairs.
         cache_dir: where generated/imported cohorts go (default $MEDREC_CACHE or ~/.cache/medrec).
+        mappings: raw MIMIC only: folder with the drug-mapping and knowledge files under their
+            public names (README "Where each file comes from"); default: $MEDREC_MAPPINGS, then
+            the MIMIC folder and its ``mappings/`` sub-folder.
     """
 
     def __init__(
@@ -194,6 +205,7 @@ class VisitSequenceDataModule(L.LightningDataModule):
         synthetic_seed: int = 0,
         synthetic_options: dict[str, int | float] | None = None,
         cache_dir: str | None = None,
+        mappings: str | None = None,
     ):
         super().__init__()
         split_ratios = tuple(plain(split_ratios))
@@ -216,7 +228,7 @@ class VisitSequenceDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.min_visits, self.max_visits = min_visits, max_visits
         self.synthetic = synthetic_spec(synthetic_patients, synthetic_seed, synthetic_options or {})
-        self.cache_dir = cache_dir
+        self.cache_dir, self.mappings = cache_dir, mappings
         self._cohort: Cohort | None = None
         self._splits: dict[str, list[str]] | None = None
         self._knowledge: CohortKnowledge | None = None
@@ -226,7 +238,8 @@ class VisitSequenceDataModule(L.LightningDataModule):
     @property
     def cohort(self) -> Cohort:
         if self._cohort is None:
-            self._cohort = resolve_cohort(self.root, self.source, self.synthetic, self.cache_dir)
+            etl = raw_mimic_options(self.mappings) if self.root is not None else None
+            self._cohort = resolve_cohort(self.root, self.source, self.synthetic, self.cache_dir, etl=etl)
             empty = self._cohort.visits["medications"].map(len) == 0
             if empty.any():
                 first = self._cohort.visits.loc[empty, "visit_id"].iloc[0]

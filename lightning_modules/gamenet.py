@@ -15,6 +15,7 @@ from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
 from lightning_modules.precision import float32
+from lightning_modules.required_knowledge import require_ddi_pairs
 
 Normalization = Literal["row", "symmetric"]
 
@@ -90,7 +91,8 @@ class GAMENet(MedRecModule):
     the DDI loss (:func:`lightning_modules.ddi_loss.ddi_loss`, averaged over the M² drug pairs as
     in the authors' code, times ``ddi_loss_weight``) replaces it on the steps a
     :class:`callbacks.DDIAnnealing` callback chooses. Without that callback the DDI loss is only
-    logged.
+    logged. With it, a cohort without any adverse DDI pair is refused (the switch would have
+    nothing to act on) unless ``allow_no_ddi``.
 
     Args:
         embedding_dim: width d of code embeddings, queries and the memory bank (paper 64).
@@ -103,6 +105,7 @@ class GAMENet(MedRecModule):
         margin_weight: share π of the multilabel margin loss in the prediction loss (0.1).
         ddi_loss_weight: multiplier of the DDI loss, which is averaged over the M² drug pairs as
             in the authors' code (1.0 = their scale).
+        allow_no_ddi: accept a fit with the DDI-loss switch on a cohort without adverse DDI pairs.
         Other arguments (lr, threshold, bootstrap...) as in :class:`MedRecModule`.
     """
 
@@ -117,6 +120,7 @@ class GAMENet(MedRecModule):
         pooling: Literal["mean", "sum"] = "mean",
         margin_weight: float = 0.1,
         ddi_loss_weight: float = 1.0,
+        allow_no_ddi: bool = False,
         **kwargs,
     ):
         super().__init__(*args, margin_weight=margin_weight, **kwargs)
@@ -190,6 +194,10 @@ class GAMENet(MedRecModule):
         return self.output(torch.cat([query, fact1, fact2], dim=-1))
 
     # --- training ------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.ddi_switch is not None:
+            require_ddi_pairs(self.knowledge, "GAMENet's DDI-loss switch", self.hparams.allow_no_ddi)
+
     def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Prediction loss under ``loss`` plus the DDI loss (mean over visits and M² pairs) under ``ddi``."""
         out = super().compute_loss(logits, batch)

@@ -18,11 +18,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch_geometric.nn import MessagePassing, global_add_pool, global_mean_pool
 from torch_geometric.utils import scatter, spmm, to_torch_csr_tensor
 
-from datamodules.molecules import molecule_graphs, require_molecules, substructure_mask
+from datamodules.molecules import molecule_coverage, molecule_graphs, require_molecules, substructure_mask
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
 from lightning_modules.precision import float32
+from lightning_modules.required_knowledge import require_ddi_pairs
 from lightning_modules.visit_ops import margin_targets
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,12 @@ class SafeDrug(MedRecModule):
 
     Drugs without a parseable molecule (reported by ``datamodules.molecules``): with
     ``missing_molecules="fallback"`` the drug's memory row is a learned embedding and its
-    row of H gets one private placeholder substructure; ``"error"`` refuses such data.
+    row of H gets one private placeholder substructure (one warning with their count and
+    share); ``"error"`` refuses such data. A cohort with no molecule at all is refused (when the
+    Trainer sets the module up) unless ``allow_missing_molecules``: SafeDrug would then be a GRU
+    with learned drug embeddings.
+    Likewise a fit with a DDI controller on a cohort without any adverse DDI pair is refused
+    unless ``allow_no_ddi``.
 
     Args:
         embedding_dim: size of code embeddings, GRU states, query and molecule vectors (64).
@@ -121,6 +127,8 @@ class SafeDrug(MedRecModule):
         encoders: ``dual`` (SafeDrug), ``global`` (SafeDrug-G) or ``local`` (SafeDrug-L).
         use_mask: multiply the local weights by H (False: dense ablation).
         missing_molecules: ``fallback`` (learned embedding) or ``error``.
+        allow_missing_molecules: accept a cohort in which no drug has a molecule (all fallback).
+        allow_no_ddi: accept a DDI-controlled fit on a cohort without adverse DDI pairs.
         ddi_loss_scale: factor of the pairwise DDI loss (0.0005).
         margin_weight: 1 − α, weight of the multi-label margin loss (0.05).
         lr_plateau_patience, lr_plateau_factor: when set, multiply the learning rate by the
@@ -145,6 +153,8 @@ class SafeDrug(MedRecModule):
         encoders: Literal["dual", "global", "local"] = "dual",
         use_mask: bool = True,
         missing_molecules: Literal["fallback", "error"] = "fallback",
+        allow_missing_molecules: bool = False,
+        allow_no_ddi: bool = False,
         ddi_loss_scale: float = 0.0005,
         margin_weight: float = 0.05,
         lr_plateau_patience: int | None = None,
@@ -216,15 +226,25 @@ class SafeDrug(MedRecModule):
             return
         if policy == "error":
             require_molecules(missing, medications, by="SafeDrug")
-        if getattr(self, "_warned_missing", False):
+        if getattr(self, "_warned_missing", False):  # the global and the local encoder both check
             return
         self._warned_missing = True
-        codes = [medications[d] for d in missing]
-        log.warning(
-            "SafeDrug: %d drug(s) without a parseable molecule use a learned fallback embedding: %s",
-            len(codes),
-            codes[:10],
-        )
+        if len(missing) == len(medications) and not self.hparams.allow_missing_molecules:
+            # Refused in setup, not here: train.py reports a CohortError raised there as one line,
+            # while jsonargparse wraps one raised while it builds the model.
+            self._no_molecules = list(missing)
+            return
+        log.warning(molecule_coverage(missing, medications, "SafeDrug", True, self.knowledge.source))
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if getattr(self, "_no_molecules", None):
+            molecule_coverage(self._no_molecules, self.knowledge.vocab["medication"], "SafeDrug", False,
+                              self.knowledge.source)  # fmt: skip
+
+    def on_fit_start(self) -> None:
+        if self.ddi_controller is not None and self.hparams.ddi_loss_scale > 0:
+            require_ddi_pairs(self.knowledge, "SafeDrug", self.hparams.allow_no_ddi)
 
     # --- encoders ------------------------------------------------------------------------
     def _visit_vectors(self, embedding: nn.Embedding, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,7 @@ def test_predicted_ddi_counts_by_hand():
 def test_drugs_without_molecules_use_a_learned_fallback_or_fail(tmp_path):
     dm = VisitSequenceDataModule(root=str(write_cohort(tmp_path / "c", n_patients=12)), batch_size=4)
     assert not dm.knowledge.smiles.get("A01A")  # the handmade cohort has no molecules at all
-    model = SafeDrug(knowledge=dm.knowledge, embedding_dim=8)
+    model = SafeDrug(knowledge=dm.knowledge, embedding_dim=8, allow_missing_molecules=True)
     assert model.fallback_memory.shape == (4, 8)
     assert model.substructure_mask.tolist() == torch.eye(4).tolist()  # one placeholder per drug
     torch.testing.assert_close(model.drug_memory(), model.fallback_memory)

@@ -38,7 +38,7 @@ def make_parser() -> ArgumentParser:
     parser.add_argument("--cache_dir", type=str | None, default=None, help="cache folder when --out is not given")
     parser.add_argument("--force", type=bool, default=False, help="rebuild even if the output is up to date")
     parser.add_argument("--quiet", type=bool, default=False, help="print only the output folder")
-    parser.add_class_arguments(EtlOptions, None)
+    parser.add_class_arguments(EtlOptions, None, skip={"options_from"})  # train.py's messages only
     return parser
 
 
@@ -53,7 +53,7 @@ def _prepare(argv: list[str] | None) -> None:
     parser.exit_on_error = False  # main() prints a bad option as one line
     args = parser.parse_args(argv)
     try:
-        options = EtlOptions(**{f.name: args[f.name] for f in fields(EtlOptions)})
+        options = EtlOptions(**{f.name: args[f.name] for f in fields(EtlOptions) if f.name in args})
     except ValueError as err:  # EtlOptions' own range checks
         raise OptionError(str(err)) from None
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

@@ -11,6 +11,13 @@
   per class. Names match case-insensitively, and the most-prescribed names are tried first so
   the choice is deterministic (the reference took an arbitrary three from a Python set).
 
+* Processed alternatives, from the papers' releases, used when the files above are absent:
+  SMILES from ``atc3toSMILES.pkl`` (SafeDrug) or ``idx2drug.pkl`` (the SafeDrug paper's
+  release), both a dict ATC3 -> list or set of SMILES; DDI pairs from ``ddi_A_final.pkl``
+  (numpy adjacency over the release's medication vocabulary) with that release's
+  ``voc_final.pkl`` (``med_voc.idx2word`` names each row). Entries of the vocabulary that are
+  not ATC3 codes (GAMENet's ``seperator``/``decoder_point`` tokens) are skipped.
+
 The BRICS substructure mask SafeDrug needs is derived from these SMILES by the molecule
 featurisation, not stored in the cohort.
 """
@@ -21,9 +28,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from datamodules.cohort import CohortError
+from datamodules.mimic.mappings import ATC3_PATTERN, read_medication_vocabulary, read_third_party_pickle
 from datamodules.mimic.tables import csv_scan, read_header, sql_ident
 
 TWOSIDES_COLUMNS = ("STITCH 1", "STITCH 2", "Polypharmacy Side Effect", "Side Effect Name")
@@ -130,3 +139,67 @@ def smiles_per_class(
         if chosen:
             out[atc3] = chosen
     return out
+
+
+def read_smiles_pickle(path: Path, per_class: int = 3) -> dict[str, list[str]]:
+    """``atc3toSMILES.pkl`` / ``idx2drug.pkl``: ATC3 -> up to ``per_class`` SMILES.
+
+    A list keeps its order (the release's choice); a set, whose order Python does not fix, is
+    sorted so the same file always gives the same molecules.
+    """
+    raw = read_third_party_pickle(path)
+    if not isinstance(raw, dict):
+        raise CohortError(f"{path}: expected a dict ATC3 -> SMILES, got {type(raw).__name__}")
+    out: dict[str, list[str]] = {}
+    for code, value in raw.items():
+        code = str(code).strip().upper()
+        if not ATC3_PATTERN.match(code[:4]):
+            continue  # the releases' special tokens ('seperator', 'decoder_point')
+        if isinstance(value, str):
+            value = [value]
+        elif isinstance(value, (set, frozenset)):
+            value = sorted(value, key=str)
+        elif not isinstance(value, (list, tuple)):
+            raise CohortError(f"{path}: {code!r} maps to a {type(value).__name__}, expected SMILES strings")
+        smiles = [s.strip() for s in value if isinstance(s, str) and s.strip()]
+        if smiles:
+            out.setdefault(code[:4], list(dict.fromkeys(smiles))[:per_class])
+    if not out:
+        raise CohortError(f"{path}: holds no SMILES (expected a dict ATC3 -> list of SMILES)")
+    return out
+
+
+def ddi_matrix_pairs(
+    matrix_path: Path, vocabulary_path: Path | None, medications: list[str]
+) -> tuple[list[tuple[str, str]], dict]:
+    """Adverse ATC3 pairs among ``medications`` from a processed ``ddi_A_final.pkl`` + its ``voc_final.pkl``."""
+    if vocabulary_path is None:
+        raise CohortError(
+            f"{matrix_path}: a DDI matrix needs the voc_final.pkl of the same release to name its rows; "
+            "put it beside ddi_A_final.pkl (medrec-prepare: --ddi_vocabulary)"
+        )
+    matrix = read_third_party_pickle(matrix_path)
+    if not isinstance(matrix, np.ndarray) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        shape = getattr(matrix, "shape", type(matrix).__name__)
+        raise CohortError(f"{matrix_path}: expected a square numpy DDI adjacency, got {shape}")
+    codes = read_medication_vocabulary(vocabulary_path)
+    if len(codes) != matrix.shape[0]:
+        raise CohortError(
+            f"{matrix_path}: {matrix.shape[0]} rows, but the medication vocabulary of {vocabulary_path} "
+            f"has {len(codes)} codes: they are not from the same release"
+        )
+    wanted = set(medications)
+    pairs = set()
+    for i, j in zip(*np.nonzero(matrix)):
+        a, b = codes[i], codes[j]
+        if a != b and a in wanted and b in wanted and ATC3_PATTERN.match(a) and ATC3_PATTERN.match(b):
+            pairs.add((min(a, b), max(a, b)))
+    linked = matrix != 0
+    release_pairs = int(np.count_nonzero(np.triu(linked | linked.T, 1)))
+    report = {
+        "release_drugs": len(codes),
+        "release_pairs": release_pairs,
+        "cohort_drugs_in_release": len(wanted & set(codes)),
+        "atc3_pairs": len(pairs),
+    }
+    return sorted(pairs), report

@@ -90,8 +90,12 @@ class EtlOptions:
         rxcui2atc4: RXCUI2atc4.csv (columns RXCUI, ATC4, ...); None = look for it.
         ndc_atc: a plain two-column ndc,atc CSV, used instead of the two files above.
         drug_atc: drug-atc.csv (CID,ATC,... lines) for the DDI matrix; None = look for it.
-        ddi: TWOSIDES drug-DDI.csv; without it the cohort has no DDI pairs.
-        drugbank: drugbank_drugs_info.csv (name, moldb_smiles); without it no SMILES.
+        ddi: TWOSIDES drug-DDI.csv; without it (and without ``ddi_matrix``) the cohort has no DDI pairs.
+        drugbank: drugbank_drugs_info.csv (name, moldb_smiles); without it (and without ``smiles``)
+            the cohort has no SMILES.
+        smiles: a processed atc3toSMILES.pkl / idx2drug.pkl (dict ATC3 -> SMILES), used without DrugBank.
+        ddi_matrix: a processed ddi_A_final.pkl, used without TWOSIDES; needs ``ddi_vocabulary``.
+        ddi_vocabulary: the voc_final.pkl of the same release (names the matrix's rows).
         mappings: folder searched first for the mapping files under their public names.
         diagnosis_icd_map: MIMIC-IV only: ICD-9 -> ICD-10 diagnosis map (CMS GEM text or CSV).
         procedure_icd_map: MIMIC-IV only: ICD-9 -> ICD-10 procedure map.
@@ -104,7 +108,8 @@ class EtlOptions:
         top_diagnoses: keep the N most frequent diagnosis codes (2000); None keeps all.
         top_procedures: keep the N most frequent procedure codes (None: all, as the reference).
         top_labs: keep the N most frequent abnormal-lab tokens (None: all).
-        require_smiles: with a DrugBank file, drop ATC3 classes that have no molecule (reference).
+        require_smiles: with a SMILES source (DrugBank or a processed pickle), drop ATC3 classes
+            that have no molecule (reference).
         smiles_per_drug: molecules kept per ATC3 class (3).
         ddi_side_effects: TWOSIDES side-effect types kept (40).
         ddi_keep: which end of the by-count ranking of side-effect types is kept: the rarest
@@ -116,6 +121,8 @@ class EtlOptions:
         memory_limit: DuckDB memory limit (it spills to disk beyond it); not part of the cache key.
         threads: DuckDB threads (None: all cores); not part of the cache key.
         temp_dir: where DuckDB spills (None: a temporary folder); not part of the cache key.
+        options_from: which command's options error messages name (``prepare``: medrec-prepare
+            flags; ``train``: ``--data.init_args.*``); not part of the cache key.
     """
 
     ndc2rxcui: str | None = None
@@ -124,6 +131,9 @@ class EtlOptions:
     drug_atc: str | None = None
     ddi: str | None = None
     drugbank: str | None = None
+    smiles: str | None = None
+    ddi_matrix: str | None = None
+    ddi_vocabulary: str | None = None
     mappings: str | None = None
     diagnosis_icd_map: str | None = None
     procedure_icd_map: str | None = None
@@ -145,6 +155,7 @@ class EtlOptions:
     memory_limit: str = "2GB"
     threads: int | None = None
     temp_dir: str | None = None
+    options_from: Literal["prepare", "train"] = "prepare"
 
     def __post_init__(self) -> None:
         if self.min_admissions < 1:
@@ -161,7 +172,7 @@ class EtlOptions:
         return {key: getattr(self, key) for key in mappings.MAPPING_FILES}
 
 
-ENGINE_FIELDS = ("memory_limit", "threads", "temp_dir")
+ENGINE_FIELDS = ("memory_limit", "threads", "temp_dir", "options_from")
 # Paths enter the cache key as the resolved files' stamps (path, size, mtime), not as given.
 PATH_FIELDS = (*mappings.MAPPING_FILES, "mappings", "diagnosis_icd_map", "procedure_icd_map")
 
@@ -546,7 +557,9 @@ class _Etl:
         else:
             self.sql("CREATE TEMP TABLE s2 AS SELECT * FROM s1")
 
-        ndc_map, source = mappings.ndc_to_atc3(self.mapping_files, self.options.explicit_mappings)
+        ndc_map, source = mappings.ndc_to_atc3(
+            self.mapping_files, self.options.explicit_mappings, self.options.options_from
+        )
         self.con.register("ndc_map_df", ndc_map)
         self.sql("CREATE TEMP TABLE ndc_map AS SELECT * FROM ndc_map_df")
         self.con.unregister("ndc_map_df")
@@ -604,24 +617,8 @@ class _Etl:
             .set_index("atc3")["spelling"]
             .to_dict()
         )
-        self.smiles: dict[str, list[str]] = {}
-        drugbank = self.mapping_files.get("drugbank")
         kept = [a for (a,) in self.sql("SELECT atc3 FROM top_drugs ORDER BY atc3").fetchall()]
-        if drugbank is not None:
-            self.smiles = drug_knowledge.smiles_per_class(
-                names, drug_knowledge.read_drugbank_smiles(drugbank), self.options.smiles_per_drug
-            )
-            without = [a for a in kept if a not in self.smiles]
-            self.report["smiles"] = {
-                "source": str(drugbank),
-                "classes_with_smiles": len(kept) - len(without),
-                "classes_without_smiles": without,
-            }
-            if self.options.require_smiles and without:
-                self.note(f"{len(without)} ATC3 class(es) without a DrugBank molecule dropped: {without[:20]}")
-                kept = [a for a in kept if a in self.smiles]
-        else:
-            self.note("no drugbank_drugs_info.csv: the cohort has no SMILES (SafeDrug needs them)")
+        kept = self.load_smiles(names, kept)
         self.sql("CREATE TEMP TABLE kept_drugs (atc3 VARCHAR)")
         self.sql("INSERT INTO kept_drugs SELECT unnest(?::VARCHAR[])", [kept])
         self.sql(
@@ -631,6 +628,37 @@ class _Etl:
         self.sql("DROP TABLE rxm")
         self.sql("CREATE TEMP TABLE s4 AS SELECT DISTINCT subject_id, hadm_id FROM med")
         self.step("top_drugs", "s4")
+
+    def load_smiles(self, names: pd.DataFrame, kept: list[str]) -> list[str]:
+        """SMILES per ATC3 class from DrugBank (by drug name) or else a processed ATC3 -> SMILES
+        pickle; returns the classes kept (``require_smiles`` drops those without a molecule)."""
+        self.smiles: dict[str, list[str]] = {}
+        drugbank, processed = self.mapping_files.get("drugbank"), self.mapping_files.get("smiles")
+        if drugbank is not None:
+            source = drugbank
+            self.smiles = drug_knowledge.smiles_per_class(
+                names, drug_knowledge.read_drugbank_smiles(drugbank), self.options.smiles_per_drug
+            )
+        elif processed is not None:
+            source = processed
+            self.smiles = drug_knowledge.read_smiles_pickle(processed, self.options.smiles_per_drug)
+        else:
+            hint = mappings.option_hint(("drugbank",), self.options.options_from)
+            self.note(
+                "no drugbank_drugs_info.csv (or atc3toSMILES.pkl / idx2drug.pkl): the cohort has no SMILES, "
+                f"which SafeDrug needs; {hint}"
+            )
+            return kept
+        without = [a for a in kept if a not in self.smiles]
+        self.report["smiles"] = {
+            "source": str(source),
+            "classes_with_smiles": len(kept) - len(without),
+            "classes_without_smiles": without,
+        }
+        if self.options.require_smiles and without:
+            self.note(f"{len(without)} ATC3 class(es) without a molecule in {source.name} dropped: {without[:20]}")
+            kept = [a for a in kept if a in self.smiles]
+        return kept
 
     def _min_admissions(self, new: str, old: str) -> str:
         return (
@@ -836,9 +864,21 @@ class _Etl:
 
     def ddi_pairs(self, medications: list[str]) -> list[tuple[str, str]]:
         ddi, cid_atc = self.mapping_files.get("ddi"), self.mapping_files.get("drug_atc")
+        matrix = self.mapping_files.get("ddi_matrix")
+        if (ddi is None or cid_atc is None) and matrix is not None:
+            pairs, report = drug_knowledge.ddi_matrix_pairs(
+                matrix, self.mapping_files.get("ddi_vocabulary"), medications
+            )
+            self.report["ddi"] = {"source": str(matrix), **report}
+            return pairs
         if ddi is None or cid_atc is None:
-            missing = [n for n, p in (("drug-DDI.csv", ddi), ("drug-atc.csv", cid_atc)) if p is None]
-            self.note(f"no {' / '.join(missing)}: the cohort has no DDI pairs")
+            missing = [k for k, p in (("ddi", ddi), ("drug_atc", cid_atc)) if p is None]
+            names = " / ".join(mappings.MAPPING_FILES[k][0] for k in missing)
+            hint = mappings.option_hint(tuple(missing), self.options.options_from)
+            self.note(
+                f"no {names} (or a processed ddi_A_final.pkl + voc_final.pkl): the cohort has no DDI pairs, "
+                f"which SafeDrug and GAMENet's DDI loss need; {hint}"
+            )
             return []
         self.reading = ddi
         pairs, report = drug_knowledge.twosides_ddi_pairs(

@@ -7,7 +7,16 @@ NDC -> ATC3 comes either from the GAMENet/SafeDrug chain
   ``YEAR``, ``MONTH``); the first row of each RXCUI wins, as in the reference processing;
 
 or from a plain two-column ``ndc,atc`` CSV (header optional, any ATC level of >= 4 characters).
-ATC3 is the first four characters of the ATC code.
+ATC3 is the first four characters of the ATC code. GAMENet publishes the same two files as
+``ndc2rxnorm_mapping.txt`` (the same dict literal, Python 2 ``u''`` strings) and
+``ndc2atc_level4.csv`` (the same table; an ``ATC5`` column stands in when ``ATC4`` is absent).
+
+Processed knowledge files of the papers' releases are read as well: SMILES from
+``atc3toSMILES.pkl`` or ``idx2drug.pkl`` (dict ATC3 -> list or set of SMILES), DDI pairs from
+``ddi_A_final.pkl`` (numpy adjacency) with the ``voc_final.pkl`` whose ``med_voc`` indexes it.
+Pickles are read by :func:`read_third_party_pickle`, which never runs code from the file.
+
+README section "Where each file comes from" says where each public file is published.
 
 Mapping files are found, for each public file name, at (first hit wins):
 1. the path given explicitly (option / command-line flag);
@@ -19,11 +28,15 @@ Mapping files are found, for each public file name, at (first hit wins):
 from __future__ import annotations
 
 import ast
+import collections
 import csv
 import os
+import pickle
 import re
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from datamodules.cohort import CohortError
@@ -38,7 +51,32 @@ MAPPING_FILES: dict[str, tuple[str, ...]] = {
     "drug_atc": ("drug-atc.csv",),
     "ddi": ("drug-DDI.csv",),
     "drugbank": ("drugbank_drugs_info.csv",),
+    # processed files of the papers' releases, used when the raw-source file above is absent
+    "smiles": ("atc3toSMILES.pkl", "idx2drug.pkl"),
+    "ddi_matrix": ("ddi_A_final.pkl",),
+    "ddi_vocabulary": ("voc_final.pkl",),
 }
+
+README_SECTION = 'README "Where each file comes from"'
+FOLDER_OPTION = {"prepare": "--mappings DIR", "train": "--data.init_args.mappings=DIR"}
+
+
+def option_hint(keys: tuple[str, ...] | list[str], options_from: str = "prepare") -> str:
+    """How to hand the files of ``keys`` to medrec, in the words of the command that runs the ETL.
+
+    ``medrec-prepare`` has one flag per file; ``train.py`` takes the folder that holds them
+    (``--data.init_args.mappings``) and finds each file under its public name.
+    """
+    folder = FOLDER_OPTION.get(options_from, FOLDER_OPTION["prepare"])
+    if options_from == "train":
+        names = " / ".join(MAPPING_FILES[k][0] for k in keys)
+        return (
+            f"put {names} (public names) in a folder and pass {folder} (or set ${MAPPINGS_ENV}, "
+            f"or place them next to the MIMIC tables); see {README_SECTION}"
+        )
+    flags = "/".join(f"--{k}" for k in keys)
+    return f"pass {flags}, or their folder ({folder} or ${MAPPINGS_ENV}); see {README_SECTION}"
+
 
 ATC3_PATTERN = re.compile(r"^[A-Z][0-9]{2}[A-Z]$")
 
@@ -101,10 +139,12 @@ def read_rxcui2atc4(path: Path) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as err:
         raise CohortError(f"{path}: cannot be read as CSV ({type(err).__name__}: {err})") from None
-    missing = [c for c in ("RXCUI", "ATC4") if c not in frame.columns]
+    # GAMENet's ndc2atc_level4.csv is the same table; some copies carry ATC5 instead of ATC4
+    atc = next((c for c in ("ATC4", "ATC5", "ATC") if c in frame.columns), None)
+    missing = [c for c, ok in (("RXCUI", "RXCUI" in frame.columns), ("ATC4", atc is not None)) if not ok]
     if missing:
         raise CohortError(f"{path}: missing column(s) {missing} (has {list(frame.columns)})")
-    frame = frame[["RXCUI", "ATC4"]].rename(columns={"RXCUI": "rxcui", "ATC4": "atc"})
+    frame = frame[["RXCUI", atc]].rename(columns={"RXCUI": "rxcui", atc: "atc"})
     frame["rxcui"] = frame["rxcui"].str.strip().str.replace(r"\.0$", "", regex=True)
     frame = frame[(frame["rxcui"] != "") & (frame["atc"].str.strip() != "")]
     return frame.drop_duplicates("rxcui", keep="first")
@@ -133,7 +173,9 @@ def to_atc3(frame: pd.DataFrame, where: str) -> tuple[pd.DataFrame, int]:
     return out, int((~ok).sum())
 
 
-def ndc_to_atc3(files: dict[str, Path | None], explicit: dict[str, str | None]) -> tuple[pd.DataFrame, dict]:
+def ndc_to_atc3(
+    files: dict[str, Path | None], explicit: dict[str, str | None], options_from: str = "prepare"
+) -> tuple[pd.DataFrame, dict]:
     """The NDC -> ATC3 table and a note of which files made it.
 
     An explicit ``ndc_atc`` wins; otherwise the ndc2RXCUI + RXCUI2atc4 chain; otherwise a
@@ -160,11 +202,18 @@ def ndc_to_atc3(files: dict[str, Path | None], explicit: dict[str, str | None]) 
             "ndcs": len(table),
             "malformed_atc_rows": malformed,
         }
-    have = [k for k in ("ndc2rxcui", "rxcui2atc4") if files.get(k)]
-    raise CohortError(
-        "no NDC -> ATC drug mapping found: need ndc2RXCUI.txt and RXCUI2atc4.csv, or a two-column "
-        f"ndc,atc CSV (found only {have or 'none'}); pass their paths (--ndc2rxcui/--rxcui2atc4 or "
-        f"--ndc_atc) or their folder (--mappings or ${MAPPINGS_ENV}), or place them next to the MIMIC tables"
+    raise CohortError(missing_drug_mapping(files, options_from))
+
+
+def missing_drug_mapping(files: dict[str, Path | None], options_from: str = "prepare") -> str:
+    """The message for a missing NDC -> ATC mapping: which file is missing and how to supply it."""
+    chain = ("ndc2rxcui", "rxcui2atc4")
+    have = [str(files[k]) for k in chain if files.get(k)]
+    missing = [f"{MAPPING_FILES[k][0]} (or {MAPPING_FILES[k][1]})" for k in chain if not files.get(k)]
+    keys = chain if options_from == "train" else (*chain, "ndc_atc")
+    return (
+        f"no NDC -> ATC drug mapping found: missing {' and '.join(missing)} (found {', '.join(have) or 'neither'}); "
+        f"a two-column ndc,atc CSV (ndc_atc.csv) replaces both; {option_hint(keys, options_from)}"
     )
 
 
@@ -187,3 +236,135 @@ def read_icd_map(path: Path) -> pd.DataFrame:
     if frame.empty:
         raise CohortError(f"{path}: maps no ICD code (expected lines 'icd9 icd10 [flags]')")
     return frame
+
+
+# --- processed pickles of the papers' releases ------------------------------------------------
+class _Record:
+    """Stand-in for a class a pickle defines (dill stores the authors' ``Voc`` by value): its
+    instances keep their attributes (``idx2word``, ``word2idx``), none of its methods."""
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    """Stand-in for code and function objects in a pickle: they are dropped, never built."""
+    return None
+
+
+# Types a pickle may name through ``dill._dill._load_type``; anything else becomes inert.
+_DATA_TYPES = {t.__name__: t for t in (set, frozenset, list, dict, tuple, str, bytes, int, float, bool, complex)}
+_DATA_TYPES.update(object=object, NoneType=type(None))
+_NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy[._]core.multiarray._reconstruct
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy[._]core.multiarray.scalar
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core._multiarray_umath",
+                  "numpy._core._multiarray_umath")  # fmt: skip
+_NUMPY_FUNCTIONS = {"_reconstruct": _NUMPY_RECONSTRUCT, "scalar": _NUMPY_SCALAR}
+
+
+class _ModuleName(str):
+    """What ``dill._dill._import_module`` gives in a restricted read: only the name of a numpy module."""
+
+
+def _import_module(name: str) -> _ModuleName:
+    if name not in _NUMPY_MODULES:
+        raise pickle.UnpicklingError(f"refusing to import module {name!r}")
+    return _ModuleName(name)
+
+
+def _get_attr(module: Any, name: str) -> Any:
+    if not isinstance(module, _ModuleName) or name not in _NUMPY_FUNCTIONS:
+        raise pickle.UnpicklingError(f"refusing attribute {name!r} of {module!r}")
+    return _NUMPY_FUNCTIONS[name]
+
+
+def _create_array(f: Any, args: tuple, state: Any, npdict: dict | None = None) -> np.ndarray:
+    """dill's numpy array record: ``_reconstruct(*args)`` then ``__setstate__(state)``."""
+    if f is not _NUMPY_RECONSTRUCT:
+        raise pickle.UnpicklingError("dill array record with a constructor other than numpy's")
+    array = f(*args)
+    array.__setstate__(state)
+    return array
+
+
+def _create_type(_meta: Any, name: str, _bases: Any = (), _namespace: Any = None) -> type:
+    return type(str(name), (_Record,), {})
+
+
+def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
+    if not (isinstance(cls, type) and issubclass(cls, _Record)):
+        raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
+    return cls.__new__(cls)
+
+
+def _defaultdict(factory: Any = None, *args: Any) -> collections.defaultdict:
+    if factory is not None and factory not in _DATA_TYPES.values():
+        raise pickle.UnpicklingError(f"refusing defaultdict factory {factory!r}")
+    return collections.defaultdict(factory, *args)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **{(m, n): f for m in _NUMPY_MODULES for n, f in _NUMPY_FUNCTIONS.items()},
+    ("dill._dill", "_create_array"): _create_array,
+    ("dill._dill", "_import_module"): _import_module,
+    ("dill._dill", "_get_attr"): _get_attr,
+    ("dill._dill", "_load_type"): lambda name: _DATA_TYPES.get(name, _inert),
+    ("dill._dill", "_create_type"): _create_type,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("copy_reg", "_reconstructor"): _reconstructor,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "defaultdict"): _defaultdict,
+    **{(m, n): t for m in ("builtins", "__builtin__") for n, t in _DATA_TYPES.items() if n != "NoneType"},
+}
+# dill's records of code, functions, cells and modules: their pieces are read and thrown away
+_INERT_DILL = ("_create_code", "_create_function", "_create_cell", "_create_namedtuple", "_load_type_of")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds builtin containers, numpy arrays and plain attribute records; nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "dill._dill" and name in _INERT_DILL:
+            return _inert
+        if module == "__main__" and name[:1].isupper():  # a class of the authors' script, by reference
+            return type(name, (_Record,), {})
+        if module in ("__builtin__", "builtins") and name == "__main__":  # dill: a function's globals
+            return _inert
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_third_party_pickle(path: str | os.PathLike) -> Any:
+    """Unpickle a file from a paper's release without running code from it.
+
+    Only builtin containers and scalars, numpy arrays (plain or dill-recorded), and classes
+    the file defines (as bare attribute records: ``voc.idx2word`` works, methods do not) are
+    rebuilt; anything else raises a :class:`CohortError` naming the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            return _RestrictedUnpickler(fh, encoding="latin1").load()
+    except OSError as err:
+        raise CohortError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except Exception as err:  # a damaged or foreign pickle fails in many ways; all mean the same here
+        raise CohortError(f"{path}: cannot be read as a data pickle ({type(err).__name__}: {err})") from None
+
+
+def _words(vocabulary: Any) -> list[str]:
+    """Index -> code of a ``Voc``-like record or dict (``idx2word``)."""
+    idx2word = getattr(vocabulary, "idx2word", None)
+    if idx2word is None and isinstance(vocabulary, dict):
+        idx2word = vocabulary.get("idx2word")
+    if not isinstance(idx2word, dict):
+        raise TypeError("no idx2word dict")
+    return [str(idx2word[i]) for i in range(len(idx2word))]
+
+
+def read_medication_vocabulary(path: Path) -> list[str]:
+    """``voc_final.pkl`` -> the medication codes in index order (``med_voc.idx2word``)."""
+    raw = read_third_party_pickle(path)
+    try:
+        return _words(raw["med_voc"])
+    except (TypeError, KeyError) as err:
+        raise CohortError(f"{path}: expected a dict with 'med_voc' holding idx2word ({err})") from None
