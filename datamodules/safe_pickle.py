@@ -188,7 +188,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self._allowed[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                f"refused to load {module}.{name}: the file asks for a type or function that this "
+                f"refusing to load {module}.{name}: the file asks for a type or function that this "
                 "format never needs (allowed: builtin containers, numpy arrays, the Voc vocabulary); "
                 "loading it could run code from the file"
             ) from None

@@ -28,18 +28,16 @@ Mapping files are found, for each public file name, at (first hit wins):
 from __future__ import annotations
 
 import ast
-import collections
 import csv
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from datamodules.cohort import CohortError
+from datamodules.safe_pickle import RestrictedUnpickler
 
 MAPPINGS_ENV = "MEDREC_MAPPINGS"
 
@@ -239,101 +237,6 @@ def read_icd_map(path: Path) -> pd.DataFrame:
 
 
 # --- processed pickles of the papers' releases ------------------------------------------------
-class _Record:
-    """Stand-in for a class a pickle defines (dill stores the authors' ``Voc`` by value): its
-    instances keep their attributes (``idx2word``, ``word2idx``), none of its methods."""
-
-
-def _inert(*args: Any, **kwargs: Any) -> None:
-    """Stand-in for code and function objects in a pickle: they are dropped, never built."""
-    return None
-
-
-# Types a pickle may name through ``dill._dill._load_type``; anything else becomes inert.
-_DATA_TYPES = {t.__name__: t for t in (set, frozenset, list, dict, tuple, str, bytes, int, float, bool, complex)}
-_DATA_TYPES.update(object=object, NoneType=type(None))
-_NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy[._]core.multiarray._reconstruct
-_NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy[._]core.multiarray.scalar
-_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core._multiarray_umath",
-                  "numpy._core._multiarray_umath")  # fmt: skip
-_NUMPY_FUNCTIONS = {"_reconstruct": _NUMPY_RECONSTRUCT, "scalar": _NUMPY_SCALAR}
-
-
-class _ModuleName(str):
-    """What ``dill._dill._import_module`` gives in a restricted read: only the name of a numpy module."""
-
-
-def _import_module(name: str) -> _ModuleName:
-    if name not in _NUMPY_MODULES:
-        raise pickle.UnpicklingError(f"refusing to import module {name!r}")
-    return _ModuleName(name)
-
-
-def _get_attr(module: Any, name: str) -> Any:
-    if not isinstance(module, _ModuleName) or name not in _NUMPY_FUNCTIONS:
-        raise pickle.UnpicklingError(f"refusing attribute {name!r} of {module!r}")
-    return _NUMPY_FUNCTIONS[name]
-
-
-def _create_array(f: Any, args: tuple, state: Any, npdict: dict | None = None) -> np.ndarray:
-    """dill's numpy array record: ``_reconstruct(*args)`` then ``__setstate__(state)``."""
-    if f is not _NUMPY_RECONSTRUCT:
-        raise pickle.UnpicklingError("dill array record with a constructor other than numpy's")
-    array = f(*args)
-    array.__setstate__(state)
-    return array
-
-
-def _create_type(_meta: Any, name: str, _bases: Any = (), _namespace: Any = None) -> type:
-    return type(str(name), (_Record,), {})
-
-
-def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
-    if not (isinstance(cls, type) and issubclass(cls, _Record)):
-        raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
-    return cls.__new__(cls)
-
-
-def _defaultdict(factory: Any = None, *args: Any) -> collections.defaultdict:
-    if factory is not None and factory not in _DATA_TYPES.values():
-        raise pickle.UnpicklingError(f"refusing defaultdict factory {factory!r}")
-    return collections.defaultdict(factory, *args)
-
-
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    **{(m, n): f for m in _NUMPY_MODULES for n, f in _NUMPY_FUNCTIONS.items()},
-    ("dill._dill", "_create_array"): _create_array,
-    ("dill._dill", "_import_module"): _import_module,
-    ("dill._dill", "_get_attr"): _get_attr,
-    ("dill._dill", "_load_type"): lambda name: _DATA_TYPES.get(name, _inert),
-    ("dill._dill", "_create_type"): _create_type,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("copy_reg", "_reconstructor"): _reconstructor,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("collections", "defaultdict"): _defaultdict,
-    **{(m, n): t for m in ("builtins", "__builtin__") for n, t in _DATA_TYPES.items() if n != "NoneType"},
-}
-# dill's records of code, functions, cells and modules: their pieces are read and thrown away
-_INERT_DILL = ("_create_code", "_create_function", "_create_cell", "_create_namedtuple", "_load_type_of")
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds builtin containers, numpy arrays and plain attribute records; nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module == "dill._dill" and name in _INERT_DILL:
-            return _inert
-        if module == "__main__" and name[:1].isupper():  # a class of the authors' script, by reference
-            return type(name, (_Record,), {})
-        if module in ("__builtin__", "builtins") and name == "__main__":  # dill: a function's globals
-            return _inert
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
 def read_third_party_pickle(path: str | os.PathLike) -> Any:
     """Unpickle a file from a paper's release without running code from it.
 
@@ -344,7 +247,7 @@ def read_third_party_pickle(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            return _RestrictedUnpickler(fh, encoding="latin1").load()
+            return RestrictedUnpickler(fh).load()  # medrec's one restricted reader (safe_pickle)
     except OSError as err:
         raise CohortError(f"{path}: cannot be read ({err.strerror or err})") from None
     except Exception as err:  # a damaged or foreign pickle fails in many ways; all mean the same here
