@@ -504,7 +504,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         min_visits: int = 1,
         max_visits: int | None = None,
         synthetic_patients: int = 2000,
@@ -701,7 +701,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(rows), self.seed),
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pins_memory(),
             persistent_workers=self.num_workers > 0,
             collate_fn=self.pair_collator(negatives),
         )
@@ -722,7 +722,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pins_memory(),
             persistent_workers=self.num_workers > 0,
             collate_fn=PatientCollator(self.table, self.knowledge.num_medications),
         )

@@ -198,7 +198,7 @@ class VisitSequenceDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 32,
         eval_batch_size: PositiveInt | None = None,
         num_workers: NonNegativeInt = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         min_visits: PositiveInt = 1,
         max_visits: PositiveInt | None = None,
         synthetic_patients: PositiveInt = 2000,
@@ -315,6 +315,14 @@ class VisitSequenceDataModule(L.LightningDataModule):
             self._datasets[name] = PatientSequences(self.cohort, self.splits[name], self.max_visits)
         return self._datasets[name]
 
+    def loader_pins_memory(self) -> bool:
+        """``pin_memory``, or when unset (None) whether the trainer runs on a CUDA device: pinned
+        batches are copied to the GPU asynchronously (Lightning moves them with non_blocking)."""
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(name)
         sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
@@ -331,7 +339,7 @@ class VisitSequenceDataModule(L.LightningDataModule):
             batch_size=self.batch_size if name == "train" else self.eval_batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pins_memory(),
             persistent_workers=self.num_workers > 0,
             collate_fn=VisitCollator(self.knowledge.num_medications),
         )

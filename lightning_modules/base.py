@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import CatMetric
 
 from datamodules.cohort import CohortError
+from datamodules.errors import MedRecError
 from datamodules.knowledge import CohortKnowledge
 from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, check_range, plain
 from datamodules.safe_pickle import load_checkpoint
@@ -29,6 +30,13 @@ from lightning_modules.step_logging import log_step_and_epoch
 from lightning_modules.visit_ops import margin_targets
 
 KNOWLEDGE_KEY = "cohort_knowledge"
+NONFINITE_CHECK_EVERY = 50  # training steps between two host reads of the non-finite loss flag
+
+
+class NonFiniteLossError(MedRecError):
+    """The training loss became NaN or infinite (the fit stops before NaN weights are saved)."""
+
+
 RNG_KEY = "medrec_rng_states"
 
 
@@ -93,6 +101,7 @@ class MedRecModule(L.LightningModule):
         # not via hparams: those hold the outermost __init__'s arguments, and subclasses that fix
         # the threshold (the package recommenders) do not take one
         self.threshold = threshold
+        self._first_nonfinite: torch.Tensor | None = None
         self.knowledge = knowledge
         self.register_buffer("ddi_adj", knowledge.ddi_tensor(), persistent=False)
         self.val_metrics = recommendation_metrics(self.ddi_adj, threshold, prefix="val_")
@@ -142,6 +151,28 @@ class MedRecModule(L.LightningModule):
     def log_train_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
         """``train_<k>_step`` and ``train_<k>_epoch`` for each loss term (see log_step_and_epoch)."""
         log_step_and_epoch(self, {f"train_{k}": v for k, v in losses.items()}, batch_size)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Stop a fit whose loss stopped being finite, before NaN weights are checkpointed. The
+        first bad batch is kept on the device; the host reads it every NONFINITE_CHECK_EVERY
+        steps and at the epoch's end (no sync per step)."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not torch.is_tensor(loss):
+            return
+        first = self._first_nonfinite
+        if first is None or first.device != loss.device:
+            first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._first_nonfinite = torch.where(bad & (first < 0), batch_idx, first)
+        if (batch_idx + 1) % NONFINITE_CHECK_EVERY == 0 or self.trainer.is_last_batch:
+            at = int(self._first_nonfinite)
+            self._first_nonfinite = None
+            if at >= 0:
+                raise NonFiniteLossError(
+                    f"{type(self).__name__}: the training loss of epoch {self.current_epoch}, batch {at} is not "
+                    "finite (NaN or inf); the weights are no longer usable. Lower --model.init_args.lr, or check "
+                    "the cohort's numeric fields"
+                )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         probs = self.predict_probabilities(batch)

@@ -84,3 +84,24 @@ def test_bad_arguments():
         VisitSequenceDataModule(split_ratios=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="batch_size"):
         VisitSequenceDataModule(batch_size=0)
+
+
+def test_pin_memory_follows_the_trainer_device_unless_set(tiny_cohort_dir):
+    from types import SimpleNamespace
+
+    import torch
+
+    from datamodules.visit_sequence import VisitSequenceDataModule
+
+    def on(device: str):
+        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+
+    auto = VisitSequenceDataModule(root=str(tiny_cohort_dir))
+    assert auto.loader_pins_memory() is False  # no trainer
+    auto.trainer = on("cpu")
+    assert auto.loader_pins_memory() is False
+    auto.trainer = on("cuda")
+    assert auto.loader_pins_memory() is True
+    never = VisitSequenceDataModule(root=str(tiny_cohort_dir), pin_memory=False)
+    never.trainer = on("cuda")
+    assert never.loader_pins_memory() is False

@@ -341,9 +341,15 @@ def test_wandb_run_is_named_by_method_data_and_seed(tiny_cohort_dir, tmp_path, m
     assert "anonymous setting" not in capfd.readouterr().err
     # README: retrain from it, then test the new run's best checkpoint
     retrain = ["--config", str(saved_path), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
-    cli = make_cli(["fit", *retrain])
+    try:
+        cli = make_cli(["fit", *retrain])
+    finally:
+        finish_wandb()
     assert cli.model.hparams.lr == 0.0031 and cli.datamodule.root == str(tiny_cohort_dir)
-    tested = make_cli(["test", "--config", str(saved_path), "--ckpt_path", "best"])
+    try:
+        tested = make_cli(["test", "--config", str(saved_path), "--ckpt_path", "best"])
+    finally:
+        finish_wandb()
     assert tested.config.test.ckpt_path == cli.trainer.checkpoint_callback.best_model_path
     assert "test_jaccard" in tested.trainer.callback_metrics
 

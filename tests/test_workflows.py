@@ -274,3 +274,21 @@ def test_ddp_fit_prints_no_sync_dist_warning(config, tiny_cohort_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert warnings_in(result.stderr) == [], result.stderr
     assert result.stdout.count("medrec: fit done after 2 epoch(s)") == 1  # rank 0 only
+
+
+def test_a_non_finite_loss_stops_the_fit_with_one_line(tiny_cohort_dir, in_tmp, capsys, monkeypatch):
+    from lightning_modules import RETAIN
+
+    original, calls = RETAIN.compute_loss, []
+
+    def diverging(self, logits, batch):
+        out = original(self, logits, batch)
+        calls.append(1)
+        if len(calls) == 2:  # the second training batch
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(RETAIN, "compute_loss", diverging)
+    line = error_of(capsys, "fit", *common(tiny_cohort_dir, "retain.yaml"), "--trainer.max_epochs=2")
+    assert "RETAIN: the training loss of epoch 0, batch 1 is not finite" in line
+    assert not list(Path("runs").glob("retain/*/checkpoints/*.ckpt")), "NaN weights were checkpointed"
