@@ -139,14 +139,15 @@ def measure(
                     )
     rows = []
     for (method, condition), seconds in runs.items():
-        medians = {s: statistics.median(v) for s, v in seconds.items()}
+        # ratios from the reported (rounded) figures, so the table is consistent with itself
+        medians = {s: round(statistics.median(v), 4) for s, v in seconds.items()}
         best = min(medians, key=medians.get)
         rows.append(
             {
                 "method": method,
                 "condition": condition,
-                "seconds": {s: round(v, 3) for s, v in medians.items()},
-                "runs": {s: [round(x, 3) for x in v] for s, v in seconds.items()},
+                "seconds": medians,
+                "runs": {s: [round(x, 4) for x in v] for s, v in seconds.items()},
                 "best": best,
                 "default_over_best": round(medians["default"] / medians[best], 3),
                 "all_over_1": round(medians["all"] / medians["1"], 3),
@@ -214,7 +215,7 @@ def markdown(report: dict) -> str:
         "--trainer.logger.init_args.save_dir=<temporary folder>` and the setting's option: default = no "
         "`--threads` (what a user types), `--threads 1`, `--threads all` (torch's default, every core). "
         f"{', '.join(report['thread_env'])} are removed from the runs' environment. Busy = a separate process "
-        f"`python -c \"{BUSY_CODE}\"` spinning on one core, started before the run and killed after it.",
+        f'`python -c "{BUSY_CODE}"` spinning on one core, started before the run and killed after it.',
         "",
         "| method | competing busy process | default (no `--threads`) s | `--threads 1` s | `--threads all` s "
         "| default / best | all / 1 |",
