@@ -169,6 +169,14 @@ def torch_default_threads() -> int:
     return int(subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True).stdout)
 
 
+def threads_default() -> str:
+    """train.py's ``--threads`` default at this commit, as ``--print_config`` shows it."""
+    command = [sys.executable, "train.py", "fit", "--config", "configs/retain.yaml", "--print_config"]
+    done = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    found = [line.split(":", 1)[1].strip() for line in done.stdout.splitlines() if line.startswith("threads:")]
+    return found[0] if found else "unknown"
+
+
 def machine() -> dict:
     import torch
 
@@ -211,7 +219,8 @@ def markdown(report: dict) -> str:
         "`python train.py fit --config configs/<method>.yaml --data.init_args.root=<data>` plus "
         f"`{' '.join(report['limits'])} --trainer.limit_train_batches={report['batches']} "
         "--trainer.logger.init_args.save_dir=<temporary folder>` and the setting's option: default = no "
-        "`--threads` (what a user types), `--threads 1`, `--threads all` (torch's default, every core). "
+        f"`--threads` (what a user types; train.py's default at this commit: {report['threads_default']}), "
+        "`--threads 1`, `--threads all` (torch's default, every core). "
         f"{', '.join(report['thread_env'])} are removed from the runs' environment. Busy = a separate process "
         f'`python -c "{BUSY_CODE}"` spinning on one core, started before the run and killed after it.',
         "",
@@ -279,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         "limits": LIMITS,
         "thread_env": list(THREAD_ENV),
         "busy_process": [sys.executable, "-c", BUSY_CODE],
+        "threads_default": threads_default(),
     }
     report["rows"] = measure(args.methods, data, args.batches, args.repeats, args.conditions)
     report["load_after"] = load_average()

@@ -107,6 +107,7 @@ def test_benchmark_end_to_end_writes_the_table_and_json(tiny_cohort_dir, tmp_pat
     assert lines[0] == f"Command: `python benchmarks/cpu_threads.py {' '.join(argv)} --conditions quiet`  "
     assert re.fullmatch(r"Commit: `[0-9a-f]{40}( \(with uncommitted changes\))?`", lines[1])
     assert "--trainer.limit_train_batches=2" in text
+    assert re.search(r"train.py's default at this commit: (\d+|all)\)", text)  # read from --print_config
 
     (row,) = report["rows"]
     assert (row["method"], row["condition"]) == ("retain", "quiet")
