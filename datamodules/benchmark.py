@@ -41,6 +41,9 @@ from datamodules.safe_pickle import load_pickle
 log = logging.getLogger(__name__)
 
 BENCHMARK_FILES = ("records_final.pkl", "voc_final.pkl", "ddi_A_final.pkl")
+IMPORT_VERSION = 2
+"""Part of the import cache key: a release imported by an older importer (2: special tokens
+dropped, idx2drug.pkl read) is imported again rather than served from the cache."""
 SMILES_FILES = ("atc3toSMILES.pkl", "idx2drug.pkl", "idx2SMILES.pkl")
 """Where the molecules may be, in order of preference (the first present is read)."""
 
@@ -52,7 +55,7 @@ IGNORED_FILES = {
 
 SPECIAL_TOKENS = frozenset(
     {"seperator", "separator", "sep", "decoder_point", "pad", "padding", "sos", "eos", "bos", "start", "end"}
-    | {"unk", "mask", "cls", "null", "none"}
+    | {"unk", "mask", "cls"}
 )
 """Vocabulary entries that are the releases' model tokens, not codes (compared case-insensitively;
 any word in ``<...>`` or ``[...]`` is one too). No ICD-9 or ATC code is spelled like these."""

@@ -260,3 +260,18 @@ def test_a_gamenet_family_release_trains_safedrug(tmp_path, monkeypatch, caplog)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("12 of 24 visits carry fields beyond" in m for m in messages) == 1
     assert not [m for m in messages if "fallback" in m or "could not parse" in m]
+
+
+def test_an_import_by_an_older_importer_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    """A release imported before special tokens were dropped would keep 'seperator' as a drug."""
+    import datamodules.sources as sources
+
+    folder = write_release(
+        tmp_path / "gamenet", [[[[2], [2], [2, 4]]]], ["N02B", "A01A", "B01A"], specials=GAMENET_TOKENS
+    )
+    monkeypatch.setattr(sources, "IMPORT_VERSION", 1)
+    resolve_cohort(folder, cache_dir=tmp_path / "cache")
+    monkeypatch.undo()
+    cohort = resolve_cohort(folder, cache_dir=tmp_path / "cache")
+    assert cohort.vocab["medication"] == ["N02B", "A01A", "B01A"]
+    assert len(list((tmp_path / "cache").glob("benchmark-gamenet-*"))) == 2
