@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from datamodules.benchmark import BENCHMARK_FILES, is_benchmark_folder, read_benchmark
+from datamodules.benchmark import BENCHMARK_FILES, IMPORT_VERSION, is_benchmark_folder, read_benchmark
 from datamodules.cohort import Cohort, CohortError, is_cohort_folder
 from datamodules.synthetic import SyntheticSpec, synthetic_cohort
 
@@ -52,7 +52,7 @@ def _import_key(root: Path) -> str:
     stamp = "|".join(
         f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.glob("*.pkl")) if p.is_file()
     )
-    digest = hashlib.sha1(f"{root.resolve()}|{stamp}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(f"{root.resolve()}|{stamp}|v{IMPORT_VERSION}".encode()).hexdigest()[:10]
     return f"benchmark-{root.name}-{digest}"
 
 
