@@ -5,7 +5,8 @@ size, and CPU vs GPU test metrics of the same checkpoint.
         [--configs retain.yaml safedrug.yaml ...] [--all-configs] [--batches 40]
 
 Writes ``<dir>/gpu_check.json`` and ``<dir>/gpu_check.md`` (first line: the command and commit).
-Sized for one H100/H200 in about 6 minutes: (b) one capped epoch (``--batches``) + a full test of
+Sized for one H100/H200 in about 6 minutes (``--budget`` 420 s: steps not started by then are
+recorded as skipped), in this order: (d), (c), (b). (b) one capped epoch (``--batches``) + a full test of
 each method's main config (``--all-configs``: every file in configs/), fp32 and bf16-mixed, on
 the benchmark (MiranDa, which needs length of stay, on the synthetic cohort); (c) 3 training
 epochs of SafeDrug, GAMENet, MiranDa and DPR-WG at batch sizes 16, 64, 256 (``epoch_seconds`` of
@@ -81,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=BATCH_SIZES)
     parser.add_argument("--timed", nargs="*", default=TIMED, help="configs timed in (c)")
     parser.add_argument("--compared", nargs="*", default=COMPARED, help="configs compared CPU vs GPU in (d)")
+    parser.add_argument(
+        "--budget", type=float, default=420.0, help="seconds after which the remaining steps are skipped (recorded)"
+    )
     return parser.parse_args(argv)
 
 
@@ -112,9 +116,16 @@ def figures(cli) -> dict[str, float]:
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test_")}
 
 
+DEADLINE = [float("inf")]  # perf_counter time after which steps are skipped (--budget)
+
+
 def step(name: str, rows: list[dict], fn, *args, **row) -> dict:
     """``fn(*args)``'s figures as one row of ``rows``, or the error it raised."""
     start = time.perf_counter()
+    if start > DEADLINE[0]:
+        row.update(status="skipped (--budget spent)", seconds=0.0)
+        rows.append(row)
+        return row
     try:
         row.update(fn(*args) or {}, status="ok")
     except BaseException as err:  # a failing config is a finding, not the end of the check
@@ -246,16 +257,18 @@ def main(argv=None) -> dict:
         if opts.all_configs
         else (opts.configs or MAIN_CONFIGS)
     )
+    DEADLINE[0] = start + opts.budget
+    # most telling first: the same checkpoint on both devices, then speed, then every method
+    for config in opts.compared:
+        step("d", report["cpu_vs_device"], cpu_vs_device, config, opts, out, config=config)
+    for config in opts.timed:
+        for size in opts.batch_sizes:
+            step("c", report["epoch_seconds"], epoch_seconds, config, opts, out, size, config=config, batch_size=size)
     for config in configs:
         for precision in ("32-true", "bf16-mixed"):
             step(
                 "b", report["fit_test"], fit_and_test, config, opts, out, precision, config=config, precision=precision
             )
-    for config in opts.timed:
-        for size in opts.batch_sizes:
-            step("c", report["epoch_seconds"], epoch_seconds, config, opts, out, size, config=config, batch_size=size)
-    for config in opts.compared:
-        step("d", report["cpu_vs_device"], cpu_vs_device, config, opts, out, config=config)
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     (out / "gpu_check.md").write_text(markdown(report))

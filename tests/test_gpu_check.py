@@ -35,3 +35,11 @@ def test_gpu_check_runs_every_step_on_the_cpu(tiny_cohort_dir, tmp_path, monkeyp
     assert saved["cpu_vs_device"][0]["max_abs_diff"] == 0.0  # the same device twice here
     text = (tmp_path / "gc" / "gpu_check.md").read_text()
     assert text.startswith(f"Command: `{report['command']}`") and "Commit: `" in text
+
+
+def test_gpu_check_records_the_steps_its_budget_left_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = gpu_check.main(["--out", str(tmp_path / "gc"), "--device", "cpu", "--budget", "0", "--configs", "lr.yaml"])
+    rows = report["fit_test"] + report["epoch_seconds"] + report["cpu_vs_device"]
+    assert len(rows) == 2 + len(gpu_check.TIMED) * len(gpu_check.BATCH_SIZES) + len(gpu_check.COMPARED)
+    assert {r["status"] for r in rows} == {"skipped (--budget spent)"}
