@@ -1,7 +1,7 @@
 """Training-epoch seconds with each CPU thread policy of train.py, on a quiet and on a busy machine.
 
     python benchmarks/cpu_threads.py --out <folder> [--methods safedrug gamenet retain]
-        [--data ../shared/data/mimic3-safedrug] [--batches 80] [--repeats 1] [--conditions quiet busy]
+        [--data ../shared/data/mimic3-safedrug] [--batches 80] [--repeats 2] [--conditions quiet busy]
 
 For each method (``configs/<method>.yaml``), each thread setting (the default, i.e. no
 ``--threads`` at all, ``--threads 1`` and ``--threads all``) and each condition (``quiet``: nothing
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         "(default: ../shared/data/mimic3-safedrug)",
     )
     parser.add_argument("--batches", type=int, default=80, help="training batches per measured epoch")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per cell (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per cell (the median is reported)")
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     args = parser.parse_args(argv)
     if args.batches < 1 or args.repeats < 1:
