@@ -14,12 +14,12 @@ from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.progress import MedRecModelSummary, progress_bar
 from callbacks.recommendation_writer import RecommendationWriter
 from callbacks.wandb_logging import MedRecWandbLogger, name_wandb_run
-from datamodules.cohort import CohortError
-from datamodules.errors import run_reporting_errors
+from datamodules.errors import CheckpointError, OptionError, run_reporting_errors
 from lightning_modules.base import MedRecModule
 from lightning_modules.checkpoints import RunLayout, import_class, read_checkpoint, resolve_checkpoint
 from lightning_modules.recommend import MODEL_CLASS_KEY
@@ -135,7 +135,7 @@ class MedRecCLI(LightningCLI):
         config = self.config[subcommand]
         if config.get("ckpt_path") is None:
             if subcommand != "fit" and not config.trainer.get("fast_dev_run") and not self._print_config:
-                raise CohortError(
+                raise OptionError(
                     f"{subcommand} needs --ckpt_path: a checkpoint file, a run folder, or `last` / `best` "
                     "(of this config's latest fit)"
                 )
@@ -155,7 +155,7 @@ class MedRecCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             done = int(checkpoint.get("epoch", -1)) + 1
             what = f"resuming {resolved.run or resolved.path} after epoch {done}" if subcommand == "fit" else subcommand
-            print(f"medrec: {what}: {resolved.path}", flush=True)
+            say(f"medrec: {what}: {resolved.path}")
         if self._print_config:
             skip_null = any("skip_null" in flag for flag in self._print_config)
             print(self._parser(subcommand).dump(config, skip_unset=skip_null, skip_validation=True), end="")
@@ -178,7 +178,7 @@ class MedRecCLI(LightningCLI):
         saved_path = hparams.pop("_class_path", None) or checkpoint.get(MODEL_CLASS_KEY)
         model_class = import_class(config.model.class_path)
         if saved_path is not None and import_class(saved_path) is not model_class:
-            raise CohortError(
+            raise CheckpointError(
                 f"--ckpt_path {path}: a {import_class(saved_path).__name__} checkpoint, but the config's model is "
                 f"{model_class.__name__} ({config.model.class_path}); use the config it was trained with"
             )
@@ -193,7 +193,7 @@ class MedRecCLI(LightningCLI):
             elif given.get(name) != hparams[name]:
                 conflicts.append(f"--model.init_args.{name}={given.get(name)} (checkpoint: {hparams[name]})")
         if conflicts:
-            raise CohortError(
+            raise CheckpointError(
                 f"--ckpt_path {path}: {', '.join(conflicts)}: the model's other settings come from its checkpoint; "
                 f"at {subcommand} only {', '.join(sorted(evaluation))} can change"
             )
@@ -235,7 +235,13 @@ class MedRecCLI(LightningCLI):
             trainer.logger.log_metrics({f"best_{callback.monitor}": float(best)})
             trainer.logger.save()
         if trainer.is_global_zero:
-            print(fit_summary(trainer), flush=True)
+            say(fit_summary(trainer))
+
+
+@rank_zero_only
+def say(line: str) -> None:
+    """One line on stdout, from the first process only (DDP starts one per device)."""
+    print(line, flush=True)
 
 
 def fit_summary(trainer: L.Trainer) -> str:

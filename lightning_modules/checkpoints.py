@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules.cohort import CohortError
 from datamodules.errors import CheckpointError
 from datamodules.safe_pickle import load_checkpoint
 
@@ -96,7 +95,7 @@ class ResolvedCheckpoint:
 
 def resolve_checkpoint(ckpt_path: str, layout: RunLayout, option: str = "--ckpt_path") -> ResolvedCheckpoint:
     """``last`` / ``best`` (of the latest run, or of the run the logger's version names), a run
-    folder, or a checkpoint file; a one-line CohortError when there is nothing to load."""
+    folder, or a checkpoint file; a one-line CheckpointError when there is nothing to load."""
     if ckpt_path in ("last", "best"):
         if layout.dirpath is not None:
             last, run = layout.dirpath / LAST, None
@@ -108,7 +107,7 @@ def resolve_checkpoint(ckpt_path: str, layout: RunLayout, option: str = "--ckpt_
             run = runs[-1] if runs else None
             last = run / "checkpoints" / LAST if run else None
         if last is None or not last.is_file():
-            raise CohortError(
+            raise CheckpointError(
                 f"{option} {ckpt_path}: no run to continue or load: {layout.describe()} does not exist "
                 "(train first with `fit`, or give a checkpoint file or run folder)"
             )
@@ -120,9 +119,9 @@ def resolve_checkpoint(ckpt_path: str, layout: RunLayout, option: str = "--ckpt_
         for candidate in (path / "checkpoints" / LAST, path / LAST):
             if candidate.is_file():
                 return ResolvedCheckpoint(candidate, path if candidate.parent.name == "checkpoints" else None)
-        raise CohortError(f"{option} {ckpt_path}: a folder without checkpoints/{LAST} or {LAST}")
+        raise CheckpointError(f"{option} {ckpt_path}: a folder without checkpoints/{LAST} or {LAST}")
     if not path.is_file():
-        raise CohortError(f"{option} {ckpt_path}: no such checkpoint file")
+        raise CheckpointError(f"{option} {ckpt_path}: no such checkpoint file")
     return ResolvedCheckpoint(path, layout.run_of(path))
 
 
@@ -146,9 +145,9 @@ def best_of(last: Path, option: str = "--ckpt_path") -> Path:
     recorded = [s.get("best_model_path") for k, s in states.items() if k.startswith("ModelCheckpoint")]
     recorded = [p for p in recorded if p]
     if not recorded:
-        raise CohortError(f"{option} best: {last} records no best checkpoint")
+        raise CheckpointError(f"{option} best: {last} records no best checkpoint")
     # the run may have been moved since: look beside last.ckpt first
     for candidate in (last.parent / Path(recorded[0]).name, Path(recorded[0])):
         if candidate.is_file():
             return candidate
-    raise CohortError(f"{option} best: {last} records {recorded[0]}, which no longer exists")
+    raise CheckpointError(f"{option} best: {last} records {recorded[0]}, which no longer exists")
