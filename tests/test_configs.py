@@ -5,32 +5,12 @@ every ablation table compare unlike runs; this catches that drift."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from lightning_modules.registry import CONFIGS, method_configs, variant_configs
 
-VARIANTS = {  # variant: (parent, {setting: the variant's value})
-    "dpr_ag_drug_mask": ("dpr_ag", {"model.init_args.mask_layer": "drug"}),
-    "dpr_ag_no_type": ("dpr_ag", {"model.init_args.type_weight": 0.0}),
-    # without the mask layer the two mask forms are one network, so the key is left out
-    "dpr_ag_no_mask": ("dpr_ag", {"model.init_args.use_mask": False, "model.init_args.mask_layer": None}),
-    "dpr_wg_no_context": ("dpr_wg", {"model.init_args.use_context": False}),
-    "dpr_wg_no_type": ("dpr_wg", {"model.init_args.edge_weights": "cooccurrence"}),
-    "dpr_gnn": (
-        "dpr_wg",
-        {
-            "model.init_args.use_mask": False,
-            "model.init_args.use_context": False,
-            "model.init_args.edge_weights": "structure",
-        },
-    ),
-    "safedrug_l": ("safedrug", {"model.init_args.encoders": "local"}),
-    "safedrug_g": ("safedrug", {"model.init_args.encoders": "global"}),
-    "safedrug_nomask": ("safedrug", {"model.init_args.use_mask": False}),
-}
+VARIANTS = variant_configs()  # variant: its parent and own settings, from the config's header
 
 
 def settings(name: str) -> dict:
@@ -52,13 +32,23 @@ def settings(name: str) -> dict:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_config_is_its_parent_but_for_its_own_settings(variant):
-    parent, own = VARIANTS[variant]
-    expected = settings(parent)
-    for key, value in own.items():
-        assert key in expected, f"{key} is not a setting of configs/{parent}.yaml"
-        if value is None:
-            del expected[key]
+    parent, own = VARIANTS[variant].parent, VARIANTS[variant].own
+    expected, actual = settings(parent), settings(variant)
+    for key in own:
+        # a setting the variant drops is one its parent has; one it sets must differ from the parent's
+        assert key in expected or key in actual, f"{key} is set neither in configs/{parent}.yaml nor in {variant}.yaml"
+        assert expected.get(key, "<unset>") != actual.get(key, "<unset>"), f"configs/{parent}.yaml already sets {key}"
+        if key in actual:
+            expected[key] = actual[key]
         else:
-            assert expected[key] != value, f"configs/{parent}.yaml already sets {key}: {value}"
-            expected[key] = value
-    assert settings(variant) == expected
+            del expected[key]
+    drift = {k: (expected.get(k, "<unset>"), actual.get(k, "<unset>")) for k in expected.keys() | actual.keys()}
+    drift = {k: pair for k, pair in drift.items() if pair[0] != pair[1]}
+    assert not drift, f"configs/{variant}.yaml departs from {parent}.yaml beyond its own settings: {drift}"
+
+
+def test_every_method_has_a_main_config_and_variants_hang_off_main_configs():
+    mains = set(method_configs())
+    assert {"frequency", "safedrug", "gamenet", "miranda", "dpr_wg", "dpr_ag"} <= mains
+    assert VARIANTS, "no variant config found: the header format changed?"
+    assert {variant.parent for variant in VARIANTS.values()} <= mains, "a variant of a variant"
