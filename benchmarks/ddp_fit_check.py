@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 MEDREC_CACHE=/tmp/mc_ddp python benchmarks/ddp_fit_check.py --out <dir> \
         [--methods lr safedrug ...] [--patients 305] [--epochs 2] [--train-batches 3]
 
-For each method config (``configs/<method>.yaml``) on a small synthetic cohort (305 patients:
+For each main method config (``configs/<method>.yaml`` without a variant header, see
+:mod:`lightning_modules.registry`) on a small synthetic cohort (305 patients:
 51 validation and 51 test patients, odd, so a sampler that pads the ranks to equal length
 would count a patient twice):
 
@@ -44,19 +45,11 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = (
-    "frequency",
-    "nearest",
-    "lr",
-    "retain",
-    "safedrug",
-    "gamenet",
-    "miranda",
-    "miranda_baseline",
-    "ncf",
-    "dpr_wg",
-    "dpr_ag",
-)
+sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
+
+from lightning_modules.registry import method_configs  # noqa: E402
+
+METHODS = tuple(method_configs())  # every main method config; variants share their parent's code paths
 # Per-method overrides, placed before the recorder is appended to trainer.callbacks (so
 # ``--trainer.callbacks.init_args.*`` reaches the config's last callback, the controller).
 # Target DDI rate 0 keeps the controllers busy on the synthetic cohort, whose predicted DDI

@@ -4,6 +4,12 @@
         [--configs configs/lr.yaml configs/retain.yaml ...] [--seeds 0 1 2] [--reference safedrug] \
         [--epochs N] [--gamma-report <sweep out>/gamma.json] [--jobs 2 --threads 1]
 
+By default it runs every main method config (``lightning_modules.registry.method_configs``:
+each ``configs/*.yaml`` without a ``# medrec-variant:`` header). A method whose model needs visit
+fields the data lack (MiranDa: length of stay, age, procedures; not in the benchmark pickles)
+stops with that message at set-up; its first seed's message is printed and the method is left
+out of the report (named under "Skipped"), instead of failing the whole leaderboard.
+
 Runs ``benchmarks/run.py`` for each (config, seed) in a child process (results already in
 ``<out>/<method>/seed<s>/results.json`` are reused, so an interrupted report resumes; ``--jobs``
 runs several at once), then
@@ -28,7 +34,11 @@ import pandas as pd
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = ["frequency", "nearest", "lr", "retain", "gamenet", "safedrug"]
+sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
+
+from lightning_modules.registry import config_path, method_configs  # noqa: E402
+
+MISSING_FIELDS = "needs visit field(s)"  # the start of CohortKnowledge.require's message
 COLUMNS = ("jaccard", "f1", "prauc", "ddi_rate", "avg_drugs", "epoch_seconds", "infer_seconds", "peak_rss_mb")
 
 
@@ -49,7 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def default_configs() -> list[str]:
-    return [str(ROOT / "configs" / f"{m}.yaml") for m in DEFAULT_CONFIGS if (ROOT / "configs" / f"{m}.yaml").is_file()]
+    """Every main method config (variants are left to their own tables)."""
+    return [str(config_path(name)) for name in method_configs()]
+
+
+class MissingFields(RuntimeError):
+    """The method's model needs visit fields these data do not have."""
 
 
 def run_one(config: str, seed: int, opts: argparse.Namespace) -> dict:
@@ -68,6 +83,9 @@ def run_one(config: str, seed: int, opts: argparse.Namespace) -> dict:
     with open(out / "log.txt", "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if done.returncode != 0:
+        reason = next((line for line in (out / "log.txt").read_text().splitlines() if MISSING_FIELDS in line), None)
+        if reason:
+            raise MissingFields(f"{Path(config).stem}: {reason.strip()}")
         raise RuntimeError(f"{Path(config).stem} seed {seed} failed; see {out / 'log.txt'}")
     return json.loads((out / "results.json").read_text())
 
@@ -208,9 +226,17 @@ def main(argv=None) -> pd.DataFrame:
         futures = [pool.submit(run_one, config, seed, opts) for config, seed in jobs]
         for _ in tqdm(as_completed(futures), total=len(futures), desc="leaderboard runs", unit="run"):
             pass
-    rows = [
-        {**future.result(), "method": Path(config).stem, "seed": seed} for future, (config, seed) in zip(futures, jobs)
-    ]
+    rows, skipped = [], {}
+    for future, (config, seed) in zip(futures, jobs):
+        try:
+            rows.append({**future.result(), "method": Path(config).stem, "seed": seed})
+        except MissingFields as error:  # the data, not the method, is at fault: leave it out, say why
+            skipped.setdefault(Path(config).stem, str(error))
+    for reason in skipped.values():
+        print(f"leaderboard: skipped {reason}", file=sys.stderr)
+    configs = [c for c in configs if Path(c).stem not in skipped]
+    if not rows:
+        raise SystemExit("leaderboard: no method ran on these data")
     results = pd.DataFrame(rows)
     results.to_csv(out / "runs.csv", index=False)
     reference = opts.reference or Path(configs[0]).stem
@@ -218,7 +244,8 @@ def main(argv=None) -> pd.DataFrame:
     summary.to_csv(out / "summary.csv", index=False)
     data_name = Path(opts.data).name if opts.data else "synthetic"
     argv = sys.argv[1:] if argv is None else argv
-    (out / "report.md").write_text(provenance(argv) + markdown(summary, data_name, opts.seeds, reference))
+    notes = "".join(f"\nSkipped {reason}\n" for reason in skipped.values())
+    (out / "report.md").write_text(provenance(argv) + markdown(summary, data_name, opts.seeds, reference) + notes)
     plot_accuracy_vs_safety(summary, out / "jaccard_vs_ddi.png")
     plot_validation_curves(out, list(summary["method"]), opts.seeds[0], out / "validation_curves.png")
     if opts.gamma_report:
