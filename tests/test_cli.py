@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import write_cohort
 
-from train import main
+from train import main, make_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
@@ -73,9 +73,47 @@ def default_device_meta(monkeypatch):
     return on_meta
 
 
+# Per config, beyond the config itself: DPR-WG also predicts by its heuristic generation.
+STAGE_EXTRA = {"dpr_wg.yaml": [[], ["--model.init_args.generation=heuristic"]]}
+
+
+def visit_count(cli) -> int:
+    """Visits of the test split, the rows a prediction file must hold."""
+    return sum(len(sample["visit_ids"]) for sample in cli.datamodule.dataset("test").samples)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_config_runs_fast_dev_run(config, tiny_cohort_dir, in_tmp, default_device_meta):
-    fast_dev_run("fit", config, tiny_cohort_dir)
+def test_every_config_runs_fit_test_predict(config, tiny_cohort_dir, in_tmp, default_device_meta):
+    """fit (2 training batches, 1 validation batch) → test → predict from its last checkpoint, through train.py,
+    with the device probe on: each stage's model code runs on every config, MiranDa's test end and DPR's
+    heuristic generation included."""
+    common = [
+        "--config",
+        str(ROOT / "configs" / config),
+        f"--data.init_args.root={tiny_cohort_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    fit = [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--checkpoint.dirpath=ckpt",
+    ]
+    make_cli(["fit", *common, *fit])
+    assert (in_tmp / "ckpt" / "last.ckpt").is_file()
+    tested = make_cli(["test", *common, "--ckpt_path=ckpt/last.ckpt"])
+    figures = tested.trainer.callback_metrics
+    assert {"test_jaccard", "test_f1", "test_ddi_rate"} <= set(figures), sorted(figures)
+    assert 0.0 <= float(figures["test_jaccard"]) <= 1.0
+    if config == "miranda.yaml":  # the ELOS figures of its test end
+        assert "test_elos" in figures, sorted(figures)
+    for i, extra in enumerate(STAGE_EXTRA.get(config, [[]])):
+        out = in_tmp / f"recs{i}.jsonl"
+        predicted = make_cli(["predict", *common, "--ckpt_path=ckpt/last.ckpt", f"--predict_output.path={out}", *extra])
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(records) == visit_count(predicted), (extra, len(records))
+        assert len({r["visit_id"] for r in records}) == len(records)
 
 
 def test_the_default_device_probe_catches_a_tensor_made_without_a_device(default_device_meta):
