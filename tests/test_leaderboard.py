@@ -76,3 +76,33 @@ def test_report_from_existing_runs(tmp_path):
     assert "| lr | 0.5100 ± 0.0100 |" in report and "| retain | 0.4750 ± 0.0050 |" in report
     for png in ("jaccard_vs_ddi.png", "validation_curves.png", "safedrug_gamma.png"):
         assert (out / png).stat().st_size > 10_000, png
+
+
+def test_default_configs_are_every_main_method_config():
+    names = [Path(config).stem for config in leaderboard.default_configs()]
+    assert {"frequency", "safedrug", "gamenet", "miranda", "dpr_wg", "dpr_ag"} <= set(names)
+    assert not {"safedrug_l", "dpr_ag_no_type", "gamenet_noddi"} & set(names)  # variants have their own tables
+
+
+def test_a_method_the_data_cannot_feed_is_skipped_and_named(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "board"
+    for seed, jac in enumerate((0.50, 0.52)):
+        folder = out / "lr" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(fake_result(jac, 0.05)))
+
+    real_run = leaderboard.subprocess.run
+
+    def refuse(command, stdout=None, **kwargs):  # what train.py logs when MiranDa meets the benchmark pickles
+        if stdout is None:  # not a benchmark run (the report's git look-up)
+            return real_run(command, **kwargs)
+        stdout.write("medrec: error: MiranDa needs visit field(s) ['los', 'age'], which the data (x) does not have\n")
+        return leaderboard.subprocess.CompletedProcess(command, 2)
+
+    monkeypatch.setattr(leaderboard.subprocess, "run", refuse)
+    summary = leaderboard.main(
+        ["--out", str(out), "--configs", "configs/lr.yaml", "configs/miranda.yaml", "--seeds", "0", "1"]
+    )
+    assert list(summary["method"]) == ["lr"]
+    assert "skipped miranda: medrec: error: MiranDa needs visit field(s)" in capsys.readouterr().err
+    assert "Skipped miranda:" in (out / "report.md").read_text()
