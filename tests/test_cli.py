@@ -114,6 +114,8 @@ def test_every_config_runs_fit_test_predict(config, tiny_cohort_dir, in_tmp, def
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(records) == visit_count(predicted), (extra, len(records))
         assert len({r["visit_id"] for r in records}) == len(records)
+        if "--model.init_args.generation=heuristic" in extra:  # the heuristic's records say where a package came from
+            assert all(r["source"] in ("S1", "S2", "S3") for r in records), records[0]
 
 
 def test_the_default_device_probe_catches_a_tensor_made_without_a_device(default_device_meta):
