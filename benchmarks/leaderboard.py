@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True)
     parser.add_argument("--configs", nargs="+", default=None, help="config files (default: every landed method)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--reference", default=None, help="method the t-test compares against (default: first)")
+    parser.add_argument(
+        "--reference", default=None, help="method the t-test compares against (default: safedrug if run, else the first)"
+    )
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--gamma-report", default=None, help="JSON rows {gamma, jaccard, ddi_rate} of a γ sweep")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
@@ -239,7 +241,8 @@ def main(argv=None) -> pd.DataFrame:
         raise SystemExit("leaderboard: no method ran on these data")
     results = pd.DataFrame(rows)
     results.to_csv(out / "runs.csv", index=False)
-    reference = opts.reference or Path(configs[0]).stem
+    methods = [Path(c).stem for c in configs]
+    reference = opts.reference or ("safedrug" if "safedrug" in methods else methods[0])
     summary = summarise(results, reference)
     summary.to_csv(out / "summary.csv", index=False)
     data_name = Path(opts.data).name if opts.data else "synthetic"
