@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=None, help="config files (default: every landed method)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
-        "--reference", default=None, help="method the t-test compares against (default: safedrug if run, else the first)"
+        "--reference", default=None, help="method of the t-test reference (default: safedrug if run, else the first)"
     )
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--gamma-report", default=None, help="JSON rows {gamma, jaccard, ddi_rate} of a γ sweep")
