@@ -203,34 +203,39 @@ def commit() -> str:
 
 
 def _f(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _table(title: str, columns: list[tuple[str, str]], rows: list[dict]) -> list[str]:
+    """A markdown section: ``columns`` are (header, row key) pairs."""
+    lines = ["", f"## {title}", "", "| " + " | ".join(h for h, _ in columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(_f(r.get(key)) for _, key in columns) + " |" for r in rows]
+    return lines
 
 
 def markdown(report: dict) -> str:
     lines = [f"Command: `{report['command']}`  ", f"Commit: `{report['commit']}`", ""]
-    lines += ["| " + " | ".join(f"{k}: {v}" for k, v in report["environment"].items()) + " |", ""]
-    lines += [
-        "## (b) fit + test",
-        "",
-        "| config | precision | status | test Jaccard | test DDI | s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in report["fit_test"]:
-        lines.append(
-            f"| {r['config']} | {r['precision']} | {r['status']} | {_f(r.get('test_jaccard'))} "
-            f"| {_f(r.get('test_ddi_rate'))} | {r['seconds']} |"
-        )
-    lines += ["", "## (c) training epoch seconds", "", "| config | batch size | status | s/epoch | first epoch s |"]
-    lines += ["|---|---|---|---|---|"]
-    for r in report["epoch_seconds"]:
-        lines.append(
-            f"| {r['config']} | {r['batch_size']} | {r['status']} | {r.get('epoch_seconds')} "
-            f"| {r.get('first_epoch_seconds')} |"
-        )
-    lines += ["", "## (d) same checkpoint, CPU vs device", "", "| config | status | max abs diff | Jaccard CPU |"]
-    lines += ["|---|---|---|---|"]
-    for r in report["cpu_vs_device"]:
-        lines.append(f"| {r['config']} | {r['status']} | {r.get('max_abs_diff')} | {_f(r.get('test_jaccard_cpu'))} |")
+    lines += ["| " + " | ".join(f"{k}: {v}" for k, v in report["environment"].items()) + " |"]
+    lines += _table(
+        "(b) fit + test",
+        [("config", "config"), ("precision", "precision"), ("status", "status"), ("test Jaccard", "test_jaccard")]
+        + [("test DDI", "test_ddi_rate"), ("s", "seconds")],
+        report["fit_test"],
+    )
+    lines += _table(
+        "(c) training epoch seconds",
+        [("config", "config"), ("batch size", "batch_size"), ("status", "status"), ("s/epoch", "epoch_seconds")]
+        + [("first epoch s", "first_epoch_seconds")],
+        report["epoch_seconds"],
+    )
+    lines += _table(
+        "(d) same checkpoint, CPU vs device",
+        [("config", "config"), ("status", "status"), ("max abs diff", "max_abs_diff")]
+        + [("Jaccard CPU", "test_jaccard_cpu")],
+        report["cpu_vs_device"],
+    )
     lines.append(f"\nTotal {report['total_seconds']} s.")
     return "\n".join(lines) + "\n"
 
