@@ -52,3 +52,17 @@ def test_every_method_has_a_main_config_and_variants_hang_off_main_configs():
     assert {"frequency", "safedrug", "gamenet", "miranda", "dpr_wg", "dpr_ag"} <= mains
     assert VARIANTS, "no variant config found: the header format changed?"
     assert {variant.parent for variant in VARIANTS.values()} <= mains, "a variant of a variant"
+
+
+def test_a_malformed_variant_header_or_a_missing_parent_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    from lightning_modules import registry
+
+    monkeypatch.setattr(registry, "CONFIGS", tmp_path)
+    (tmp_path / "base.yaml").write_text("model: {}\n")
+    (tmp_path / "bad.yaml").write_text("# medrec-variant: {of: base}\nmodel: {}\n")
+    (tmp_path / "orphan.yaml").write_text("# medrec-variant: {of: gone, own: [model.x]}\nmodel: {}\n")
+    with pytest.raises(ValueError, match=r"configs/bad.yaml: the header must read"):
+        registry.variant_of("bad")
+    with pytest.raises(ValueError, match=r"configs/orphan.yaml is a variant of gone, which has no config"):
+        registry.variant_of("orphan")
+    assert registry.variant_of("base") is None

@@ -43,3 +43,13 @@ def test_gpu_check_records_the_steps_its_budget_left_out(tmp_path, monkeypatch):
     rows = report["fit_test"] + report["epoch_seconds"] + report["cpu_vs_device"]
     assert len(rows) == 2 + len(gpu_check.TIMED) * len(gpu_check.BATCH_SIZES) + len(gpu_check.COMPARED)
     assert {r["status"] for r in rows} == {"skipped (--budget spent)"}
+
+
+def test_gpu_check_on_cuda_without_a_gpu_is_one_clear_error(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match="--device cuda but torch sees no CUDA device"):
+        gpu_check.main(["--out", str(tmp_path / "gc"), "--device", "cuda"])
