@@ -80,6 +80,14 @@ def test_readme_fit_interrupted_then_resumed_with_ckpt_path_last(tmp_path):
     assert set(range(done)) <= epochs and max(epochs) >= done, "the resumed run lost the first epochs' metrics"
     assert metrics["train_loss_epoch"].notna().sum() >= done + 1, "the training loss is logged every epoch"
 
+    # README's `test --config configs/<method>.yaml --ckpt_path best`, for this method
+    readme_command("python train.py test     --config configs/<method>.yaml --ckpt_path best")
+    test = [sys.executable, "train.py", "test", "--config", "configs/retain.yaml", "--ckpt_path", "best"]
+    result = subprocess.run(test, cwd=folder, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"medrec: test: {best}" in result.stdout and "test_jaccard" in result.stdout
+    assert warnings_in(result.stderr) == [], result.stderr
+
 
 @pytest.fixture()
 def in_tmp(tmp_path, monkeypatch):
