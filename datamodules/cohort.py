@@ -288,15 +288,23 @@ class Cohort:
         folder = Path(folder)
         deadline = time.monotonic() + wait_s
         while True:
+            before = _identity(folder)
             try:
-                return cls._load_once(folder)
+                cohort = cls._load_once(folder)
             except (CohortError, OSError) as err:
+                # a writer's swap (two renames) can land between two of our reads
+                swapped = _identity(folder) != before
                 vanished = isinstance(err, OSError) or "missing" in str(err) or "not a cohort folder" in str(err)
-                if not (vanished and time.monotonic() < deadline and writer_active(folder)):
+                if not ((swapped or vanished and writer_active(folder)) and time.monotonic() < deadline):
                     if isinstance(err, OSError):
                         raise CohortError(f"{folder}: cannot be read ({err})") from None
                     raise
-                time.sleep(0.05)
+            else:
+                # optional files (smiles, relations) read during a swap would silently be empty: the
+                # folder must be the same one from the first read to the last
+                if _identity(folder) == before or time.monotonic() >= deadline:
+                    return cohort
+            time.sleep(0.05)
 
     @classmethod
     def _load_once(cls, folder: Path) -> Cohort:
@@ -313,6 +321,8 @@ class Cohort:
                 raise CohortError(f"{folder}: cohort file {name} is missing")
         try:
             visits = pd.read_parquet(folder / "visits.parquet")
+        except OSError:  # vanished under a concurrent replace: load retries
+            raise
         except Exception as err:  # pyarrow raises several types for damaged files
             raise CohortError(f"{folder / 'visits.parquet'}: cannot be read ({err})") from None
         vocab = _read_json(folder / "vocab.json", "corrupt JSON knowledge file")
@@ -334,6 +344,15 @@ class Cohort:
             source=meta.get("source", "cohort"),
         )
         return cohort.validate(where=str(folder))
+
+
+def _identity(folder: Path) -> tuple[int, int, int] | None:
+    """Which directory ``folder`` names now; a replace installs a new one (ctime guards inode reuse)."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def _read_json(path: Path, damaged: str) -> dict:
@@ -430,6 +449,8 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except OSError:  # vanished under a concurrent replace: load retries
+        raise
     except Exception as err:
         raise CohortError(f"{path}: cannot be read ({err})") from None
     missing = [c for c in columns if c not in frame.columns]

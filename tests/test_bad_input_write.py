@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import write_cohort
 
@@ -131,6 +132,16 @@ def test_medrec_prepare_onto_a_hand_made_cohort_keeps_the_users_file(cohort, tmp
 
 
 def test_load_during_a_concurrent_replace_succeeds(cohort, tmp_path):
+    import dataclasses
+
+    meds = cohort.vocab["medication"]
+    cohort = dataclasses.replace(
+        cohort,
+        smiles={code: ["CCO"] for code in meds},
+        relations=pd.DataFrame(
+            {"drug_a": [meds[0]], "drug_b": [meds[1]], "relation": ["synergy"], "direction": ["both"]}
+        ),
+    )
     folder = cohort.save(tmp_path / "c")
     writer = subprocess.Popen(
         [
@@ -146,7 +157,10 @@ def test_load_during_a_concurrent_replace_succeeds(cohort, tmp_path):
     loads = 0
     try:
         while writer.poll() is None:
-            assert Cohort.load(folder).summary()["visits"] == 18
+            loaded = Cohort.load(folder)
+            # every file from one and the same save: none silently empty from a read across the swap
+            assert loaded.summary() == cohort.summary()
+            assert loaded.smiles == cohort.smiles and len(loaded.relations) == len(cohort.relations) > 0
             loads += 1
     finally:
         writer.wait(timeout=120)
