@@ -9,6 +9,7 @@ from conftest import first_batch, fit_and_test, quiet_trainer, write_cohort
 
 from callbacks import PIDDDIController
 from datamodules.cohort import CohortError
+from datamodules.errors import OptionError
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import LogisticRegression, Nearest, SafeDrug
 from lightning_modules.safedrug import predicted_ddi_counts
@@ -211,7 +212,7 @@ def test_controller_in_a_fit_logs_and_checkpoints_its_state(data, tmp_path):
 
 def test_controller_refuses_a_module_without_ddi_control(data):
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[PIDDDIController()])
-    with pytest.raises(TypeError, match="needs a module with a `ddi_controller`"):
+    with pytest.raises(OptionError, match="--ddi_controller PIDDDIController steers a module with a `ddi_controller`"):
         trainer.fit(LogisticRegression(knowledge=data.knowledge), datamodule=data)
 
 
