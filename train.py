@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -22,6 +22,7 @@ from callbacks.ddi_control import CLI_GROUP as DDI_CONTROLLER
 from callbacks.ddi_control import DDIController
 from callbacks.progress import MedRecModelSummary, progress_bar
 from callbacks.recommendation_writer import RecommendationWriter
+from callbacks.run_checkpoint import RunCheckpoint
 from callbacks.wandb_logging import MedRecWandbLogger, name_wandb_run
 from datamodules.errors import CheckpointError, OptionError, run_reporting_errors
 from lightning_modules.base import MedRecModule
@@ -104,7 +105,7 @@ class MedRecCLI(LightningCLI):
         )
         # Vocabulary sizes and knowledge matrices come from the data, never from the config.
         parser.link_arguments("data.knowledge", "model.init_args.knowledge", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")  # last.ckpt = the latest epoch
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(RecommendationWriter, "predict_output")
         # The run's DDI controller (SafeDrug's PID β, GAMENet's annealed switch) has a name of its own,
