@@ -129,7 +129,9 @@ class MedRecCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, dict) or (args is not None and not isinstance(args, list | tuple)):
             self._raw_args, self._print_config = [], []
-            return super().parse_arguments(parser, args)
+            super().parse_arguments(parser, args)
+            subcommand = self.config.get("subcommand")
+            return refuse_controller_in_callbacks(self.config[subcommand] if subcommand else self.config)
         raw = list(sys.argv[1:] if args is None else args)
         self._print_config = [a for a in raw if a == "--print_config" or a.startswith("--print_config=")]
         self._raw_args = [a for a in raw if a not in self._print_config]
