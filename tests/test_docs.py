@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-REPO_PATH = re.compile(r"(?<![\w/.-])((?:configs|benchmarks|datamodules|lightning_modules|callbacks|tests)/[\w./*{},<>…-]+)")
+TOP_FOLDERS = "configs|benchmarks|datamodules|lightning_modules|callbacks|tests"
+REPO_PATH = re.compile(rf"(?<![\w/.-])((?:{TOP_FOLDERS})/[\w./*{{}},<>…-]+)")
 
 
 def page_id(path: Path) -> str:
