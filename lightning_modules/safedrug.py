@@ -136,10 +136,9 @@ class SafeDrug(MedRecModule):
             factor after ``patience`` epochs without a better ``val_jaccard`` (None: constant lr).
         normalize: layer-normalise the query q and the drug memory E_g and scale E_g q by 1/√d
             before the sigmoid of Eq. 10 (False: the paper). A departure, for conditioning: without
-            it the MPNN vectors grow until |E_g q| ≈ 400 on mimic3-safedrug, σ saturates and m_g
-            is the same for every patient (the global encoder then only rescales drugs), and on
-            the synthetic cohort the unnormalised query saturates the local encoder's σ(W_f q),
-            which stalls learning at the most frequent drugs.
+            it E_g q grows until σ saturates and m_g is the same for every patient (the global
+            encoder then only rescales drugs), and the unnormalised query can saturate the local
+            encoder's σ(W_f q); the measurements are in docs/safedrug.md.
     """
 
     def __init__(
