@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from datamodules.benchmark import BENCHMARK_FILES, IMPORT_VERSION, is_benchmark_folder, read_benchmark
+from datamodules.benchmark import BENCHMARK_FILES, import_cache_name, is_benchmark_folder, read_benchmark
+from datamodules.cache import cached_cohort, default_cache_dir
 from datamodules.cohort import Cohort, CohortError, is_cohort_folder
 from datamodules.synthetic import SyntheticSpec, synthetic_cohort
 
@@ -19,11 +19,6 @@ log = logging.getLogger(__name__)
 
 Source = Literal["auto", "cohort", "benchmark", "synthetic", "mimic3", "mimic4"]
 RAW_MIMIC3_MARKERS = ("ADMISSIONS.csv", "ADMISSIONS.csv.gz", "admissions.csv", "admissions.csv.gz")
-
-
-def default_cache_dir() -> Path:
-    """Where generated and imported cohorts are kept: $MEDREC_CACHE or ~/.cache/medrec."""
-    return Path(os.environ.get("MEDREC_CACHE") or Path.home() / ".cache" / "medrec")
 
 
 def detect_source(root: str | os.PathLike) -> str:
@@ -46,14 +41,6 @@ def detect_source(root: str | os.PathLike) -> str:
         f"data root {root} holds no recognised data: expected cohort.json (a cohort), "
         f"{BENCHMARK_FILES[0]} (SafeDrug benchmark pickles) or raw MIMIC tables"
     )
-
-
-def _import_key(root: Path) -> str:
-    stamp = "|".join(
-        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.glob("*.pkl")) if p.is_file()
-    )
-    digest = hashlib.sha1(f"{root.resolve()}|{stamp}|v{IMPORT_VERSION}".encode()).hexdigest()[:10]
-    return f"benchmark-{root.name}-{digest}"
 
 
 def resolve_cohort(
@@ -79,13 +66,7 @@ def resolve_cohort(
     if kind == "cohort":
         return Cohort.load(root)
     if kind == "benchmark":
-        folder = cache / _import_key(root)
-        if is_cohort_folder(folder):
-            return Cohort.load(folder)
-        cohort = read_benchmark(root)
-        cohort.save(folder)
-        log.info("imported benchmark %s into cohort %s", root, folder)
-        return cohort
+        return cached_cohort(cache / import_cache_name(root), lambda: read_benchmark(root))
     if kind in ("mimic3", "mimic4"):
         from datamodules.mimic.etl import prepare_cohort
 
