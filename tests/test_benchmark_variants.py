@@ -264,12 +264,12 @@ def test_a_gamenet_family_release_trains_safedrug(tmp_path, monkeypatch, caplog)
 
 def test_an_import_by_an_older_importer_is_not_served_from_the_cache(tmp_path, monkeypatch):
     """A release imported before special tokens were dropped would keep 'seperator' as a drug."""
-    import datamodules.sources as sources
+    import datamodules.benchmark as benchmark
 
     folder = write_release(
         tmp_path / "gamenet", [[[[2], [2], [2, 4]]]], ["N02B", "A01A", "B01A"], specials=GAMENET_TOKENS
     )
-    monkeypatch.setattr(sources, "IMPORT_VERSION", 1)
+    monkeypatch.setattr(benchmark, "IMPORT_VERSION", 1)
     resolve_cohort(folder, cache_dir=tmp_path / "cache")
     monkeypatch.undo()
     cohort = resolve_cohort(folder, cache_dir=tmp_path / "cache")
