@@ -39,13 +39,12 @@ def prepare_cohort(
     root: str | os.PathLike,
     layout: Literal["auto", "mimic3", "mimic4"] = "auto",
     options: EtlOptions | None = None,
-    out: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    force: bool = False,
+    **where,
 ) -> Cohort:
     """The cohort of a raw MIMIC folder: reused from ``out`` (or the cache) when inputs and
-    options are unchanged, else built and written atomically there."""
-    return prepare(root, layout, options, out, cache_dir, force)[0]
+    options are unchanged, else built and written atomically there (``where``: ``prepare``'s
+    ``out``, ``cache_dir``, ``force``)."""
+    return prepare(root, layout, options, **where)[0]
 
 
 def prepare(
