@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from datamodules.benchmark import BENCHMARK_FILES, import_cache_name, is_benchmark_folder, read_benchmark
 from datamodules.cache import cached_cohort, default_cache_dir
 from datamodules.cohort import Cohort, CohortError, is_cohort_folder
+from datamodules.mimic.etl import EtlOptions, prepare_cohort
+from datamodules.mimic.tables import detect_layout
 from datamodules.synthetic import SyntheticSpec, synthetic_cohort
-
-if TYPE_CHECKING:
-    from datamodules.mimic.etl import EtlOptions
-
-log = logging.getLogger(__name__)
 
 Source = Literal["auto", "cohort", "benchmark", "synthetic", "mimic3", "mimic4"]
 RAW_MIMIC3_MARKERS = ("ADMISSIONS.csv", "ADMISSIONS.csv.gz", "admissions.csv", "admissions.csv.gz")
@@ -32,8 +28,6 @@ def detect_source(root: str | os.PathLike) -> str:
     if is_benchmark_folder(root):
         return "benchmark"
     if any((root / m).is_file() for m in RAW_MIMIC3_MARKERS) or (root / "hosp").is_dir():
-        from datamodules.mimic.tables import detect_layout
-
         layout = detect_layout(root)
         if layout is not None:
             return layout
@@ -68,7 +62,5 @@ def resolve_cohort(
     if kind == "benchmark":
         return cached_cohort(cache / import_cache_name(root), lambda: read_benchmark(root))
     if kind in ("mimic3", "mimic4"):
-        from datamodules.mimic.etl import prepare_cohort
-
         return prepare_cohort(root, kind, etl, cache_dir=cache)
     raise CohortError(f"unknown data source {kind!r}")
