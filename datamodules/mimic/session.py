@@ -21,7 +21,7 @@ from datamodules.cohort import CohortError
 from datamodules.mimic.options import EtlOptions
 from datamodules.mimic.tables import Layout, RawTable
 
-log = logging.getLogger("datamodules.mimic.etl")
+log = logging.getLogger(__name__)
 
 # Casts of raw CSV text: unparseable text becomes NULL, which ``bad`` then finds and reports.
 BIGINT = "TRY_CAST(trim({}) AS BIGINT)"
