@@ -220,4 +220,3 @@ class GAMENet(MedRecModule):
         size = len(batch["lengths"])
         self.log_train_losses(losses, batch_size=size)
         return losses["loss"]
-
