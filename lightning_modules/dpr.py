@@ -12,7 +12,8 @@ the visit's true package and sampled negative packages (Eq. 15). Two variants:
 
 The graphs of a whole batch (every visit's true and negative packages in training, every
 visit's candidates in evaluation) are one torch-geometric ``Batch``; no Python loop runs over
-graphs. NCF pre-training (§3) runs at the start of ``fit`` (or is loaded from an NCF checkpoint).
+graphs. NCF pre-training (§3) is the stage before the first epoch of ``fit`` (``DPR.pretrain``, on
+the knowledge's training visits), or is loaded from an NCF checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch_geometric.utils import scatter
 from datamodules.knowledge import CohortKnowledge
 from datamodules.options import DropoutRate, PositiveFloat, PositiveInt
 from datamodules.safe_pickle import load_checkpoint
-from lightning_modules.base import KNOWLEDGE_KEY
+from lightning_modules.base import KNOWLEDGE_KEY, visit_ids
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
 from lightning_modules.ncf import NCFCore, PatientEncoder, pretrain_ncf
 from lightning_modules.package_generation import (
@@ -148,16 +149,19 @@ class DPR(PackageRecModule):
         """(initial node states h⁰, final node states h, auxiliary losses) of every graph."""
         raise NotImplementedError  # pragma: no cover
 
-    # --- pre-training ------------------------------------------------------------------------
+    # --- pre-training stage (§3) -------------------------------------------------------------
     def on_fit_start(self) -> None:
+        """The pre-fit stage: NCF pre-training (or an NCF checkpoint), then u's encoder and the drug
+        embeddings start from it. Runs once per model; a resumed fit finds it done (``pretrained``)."""
         if bool(self.pretrained):  # resumed from a checkpoint of this model
             return
         hp = self.hparams
         if hp.ncf_checkpoint:
             self.load_ncf(hp.ncf_checkpoint)
+            log.info("NCF pre-training stage: loaded %s", hp.ncf_checkpoint)
         elif hp.pretrain_epochs > 0:
             history = self.pretrain()
-            log.info("NCF pre-training: BPR %.4f -> %.4f over %d epochs", history[0], history[-1], len(history))
+            log.info("NCF pre-training stage: BPR %.4f -> %.4f over %d epochs", history[0], history[-1], len(history))
             if self.trainer.world_size > 1:
                 # Every rank pre-trained on the whole training split. DDP synchronises weights
                 # only when it wraps the model, before this, so rank 0's result is sent to all:
@@ -167,12 +171,17 @@ class DPR(PackageRecModule):
         self.initialise_from_ncf()
         self.pretrained.fill_(True)
 
-    def pretrain(self) -> list[float]:
-        """NCF pre-training (§3) of ``self.ncf`` on this process; the mean BPR of each epoch."""
-        hp, fast = self.hparams, bool(self.trainer.fast_dev_run)
+    def pretrain(self, fast: bool | None = None) -> list[float]:
+        """NCF pre-training (§3) of ``self.ncf`` on this process, over the knowledge's training
+        visits (``PackageKnowledge.training_visits``, batched and shuffled as the DataModule
+        does); the mean BPR of each epoch. ``fast``: one batch of one epoch (default: the
+        trainer's ``fast_dev_run``)."""
+        hp = self.hparams
+        if fast is None:
+            fast = self._trainer is not None and bool(self.trainer.fast_dev_run)
         return pretrain_ncf(
             self.ncf,
-            self.trainer.datamodule.pretrain_dataloader(),
+            self.knowledge.training_visits.loader(self.num_medications),
             epochs=1 if fast else hp.pretrain_epochs,
             lr=hp.pretrain_lr,
             weight_decay=hp.pretrain_weight_decay,
@@ -343,19 +352,12 @@ class DPR(PackageRecModule):
         heuristic = to_multi_hot(out["packages"][rows, out["heuristic_choice"]], self.num_medications)
         f1, candidate_f1 = set_f1(heuristic, truth).tolist(), set_f1(candidate, truth).tolist()
         recorded = [drugs.nonzero().flatten().tolist() for drugs in truth.cpu()]
-        dataset = self._predict_dataset()
         codes = self.knowledge.vocab["medication"]
         records = []
         for n, (b, t) in enumerate(batch["visit_mask"].nonzero().tolist()):
-            p_index = int(batch["patient_index"][b])
-            ids = (
-                {"patient_id": dataset.patient_ids[p_index], "visit_id": dataset.samples[p_index]["visit_ids"][t]}
-                if dataset is not None
-                else {"patient_id": p_index, "visit_id": t}
-            )
             records.append(
                 {
-                    **ids,
+                    **visit_ids(batch, b, t),
                     **visit_record(probs[n].float().cpu(), 0.5, self.knowledge, recorded=recorded[n]),
                     "source": ("S1", "S2", "S3")[int(out["heuristic_choice"][n]) // per_group],
                     "f1": round(f1[n], 4),

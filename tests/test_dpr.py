@@ -93,7 +93,7 @@ def test_batched_scores_equal_scores_of_each_graph_alone(cls, options, message_p
     graphs = train_batch["graphs"]
     u = model.encoder(train_batch)
     together = model.package_scores(u, graphs)[0]
-    builder = data.builder
+    builder = model.graph_builder
     alone = []
     for i, graph in enumerate(graphs.to_data_list()[:12]):
         single = builder.build(graph.x.unsqueeze(0))
@@ -256,7 +256,7 @@ def test_similar_negatives_come_from_other_patients_and_other_packages(data, tra
 def test_pretraining_lowers_ncf_bpr_and_initialises_dpr(data):
     torch.manual_seed(0)
     model = DPRWG(knowledge=data.knowledge, **SMALL)
-    history = pretrain_ncf(model.ncf, data.pretrain_dataloader(), epochs=4, lr=1e-2)
+    history = pretrain_ncf(model.ncf, data.knowledge.training_visits.loader(data.knowledge.num_medications), 4, 1e-2)
     assert history[-1] < history[0]
     assert not any(p.requires_grad for p in model.ncf.parameters())  # frozen again afterwards
     model.initialise_from_ncf()
