@@ -190,7 +190,7 @@ def test_prediction_at_t_ignores_later_visits(data):
     batch = next(iter(data._loader("train", shuffle=False)))
     b = int(torch.argmax(batch["lengths"]))
     before = model(batch)
-    changed = {key: value.clone() for key, value in batch.items()}
+    changed = {key: value.clone() if torch.is_tensor(value) else value for key, value in batch.items()}
     changed["medications"][b, 1] = 1 - changed["medications"][b, 1]
     changed["diagnoses"][b, 2] = (changed["diagnoses"][b, 2] + 1) % data.knowledge.num_diagnoses
     after = model(changed)
