@@ -215,3 +215,38 @@ def test_notes_field_switches_the_text_branch_on(tmp_path):
     batch = next(iter(data.val_dataloader()))
     assert batch["notes_lengths"].gt(0).all()
     pd.testing.assert_series_equal(cohort.visits["patient_id"], Cohort.load(folder).visits["patient_id"])
+
+
+def test_training_visits_travel_in_the_knowledge_and_iterate_as_the_datamodule(package_data):
+    k = package_data.knowledge
+    visits = k.training_visits
+    rows = package_data.train_rows()
+    assert len(visits) == len(rows) and visits.similar_patients == package_data.similar_patients
+    pool = package_data.candidate_pool()
+    table = package_data.table.describe(rows)
+    for key in ("document", "document_mask", "notes_lengths", "patient_key", "package_id"):
+        assert torch.equal(pool[key], table[key]), key
+    assert [tuple(p[p >= 0].tolist()) for p in pool["packages"]] == [tuple(p.tolist()) for p in visits.packages]
+    back = PackageKnowledge.from_state(k.to_state()).training_visits  # what a checkpoint stores
+    for key, value in back.pool().items():
+        assert torch.equal(value, pool[key]) if torch.is_tensor(value) else value == pool[key], key
+    # NCF pre-training batches: the DataModule's training visits, its order and its batch size
+    batch = next(iter(visits.loader(k.num_medications)))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(package_data.seed * 100_003))
+    first = rows[order[: package_data.batch_size].numpy()]
+    expected = package_data.pair_collator(0)(first.tolist())
+    for key in ("document", "document_mask", "notes", "package_hot", "patient_key"):
+        assert torch.equal(batch[key], expected[key]), key
+
+
+def test_no_model_reads_the_datamodule():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "lightning_modules"
+    offending = [
+        f"{path.name}:{n}"
+        for path in root.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "trainer.datamodule" in line or '"datamodule"' in line
+    ]
+    assert not offending, offending
