@@ -10,8 +10,9 @@ import torch
 from conftest import quiet_trainer
 
 from datamodules.package_graph import PackageGraphDataModule, pad_packages
-from lightning_modules.dpr import DPRAG, DPRWG, AttributedGraphConv, set_f1
+from lightning_modules.dpr import DPRAG, DPRWG, set_f1
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
+from lightning_modules.layers import AttributedGraphConv
 from lightning_modules.ncf import NCF, bpr_drug_loss, pretrain_ncf
 from lightning_modules.package_generation import (
     GenerationRules,
@@ -255,9 +256,14 @@ def test_similar_negatives_come_from_other_patients_and_other_packages(data, tra
 
 def test_pretraining_lowers_ncf_bpr_and_initialises_dpr(data):
     torch.manual_seed(0)
-    model = DPRWG(knowledge=data.knowledge, **SMALL)
-    history = pretrain_ncf(model.ncf, data.knowledge.training_visits.loader(data.knowledge.num_medications), 4, 1e-2)
-    assert history[-1] < history[0]
+    model = DPRWG(knowledge=data.knowledge, **{**SMALL, "pretrain_epochs": 4, "pretrain_lr": 1e-2})
+    history = model.pretrain()  # a stage of its own: the knowledge's training visits, no trainer or DataModule
+    assert len(history) == 4 and history[-1] < history[0]
+    torch.manual_seed(0)
+    again = DPRWG(knowledge=data.knowledge, **SMALL)
+    assert pretrain_ncf(again.ncf, data.knowledge.training_visits.loader(data.knowledge.num_medications), 4, 1e-2) == (
+        history
+    )
     assert not any(p.requires_grad for p in model.ncf.parameters())  # frozen again afterwards
     model.initialise_from_ncf()
     assert torch.equal(model.drugs.weight, model.ncf.drugs.weight)
