@@ -30,23 +30,26 @@ from torch_geometric.utils import scatter
 from datamodules.knowledge import CohortKnowledge
 from datamodules.options import DropoutRate, PositiveFloat, PositiveInt
 from datamodules.safe_pickle import load_checkpoint
-from lightning_modules.base import KNOWLEDGE_KEY, visit_ids
+from lightning_modules.base import KNOWLEDGE_KEY
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
 from lightning_modules.layers.dpr import AttributedGraphConv, PairLinear
 from lightning_modules.ncf import NCFCore, PatientEncoder, pretrain_ncf
 from lightning_modules.package_generation import (
     GenerationRules,
+    heuristic_records,
     mind_interactions,
     personal_rank,
     personalise,
+    set_f1,
     to_index_lists,
     to_multi_hot,
 )
 from lightning_modules.package_rec import PackageRecModule, bpr_package_loss, package_probabilities
-from lightning_modules.recommend import visit_record
 from lightning_modules.sparse_aggregation import SparseGatedGraphConv
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DPR", "DPRAG", "DPRWG", "set_f1"]
 
 INTERACTION_CLASSES = ("none", "synergy", "antagonism")
 
@@ -343,29 +346,7 @@ class DPR(PackageRecModule):
         package and where the heuristic choice came from (``source`` S1/S2/S3)."""
         if self.hparams.generation != "heuristic":
             return super().predict_step(batch, batch_idx)
-        out = self.generate(batch)
-        rows = torch.arange(len(out["scores"]), device=out["scores"].device)
-        probs = package_probabilities(out["packages"], out["scores"], out["heuristic_choice"], self.num_medications)
-        truth = to_multi_hot(batch["package"], self.num_medications)
-        per_group = out["packages"].shape[1] // 3
-        candidate = to_multi_hot(out["packages"][rows, out["candidate_choice"]], self.num_medications)
-        heuristic = to_multi_hot(out["packages"][rows, out["heuristic_choice"]], self.num_medications)
-        f1, candidate_f1 = set_f1(heuristic, truth).tolist(), set_f1(candidate, truth).tolist()
-        recorded = [drugs.nonzero().flatten().tolist() for drugs in truth.cpu()]
-        codes = self.knowledge.vocab["medication"]
-        records = []
-        for n, (b, t) in enumerate(batch["visit_mask"].nonzero().tolist()):
-            records.append(
-                {
-                    **visit_ids(batch, b, t),
-                    **visit_record(probs[n].float().cpu(), 0.5, self.knowledge, recorded=recorded[n]),
-                    "source": ("S1", "S2", "S3")[int(out["heuristic_choice"][n]) // per_group],
-                    "f1": round(f1[n], 4),
-                    "candidate_drugs": [codes[d] for d in candidate[n].nonzero().flatten().tolist()],
-                    "candidate_f1": round(candidate_f1[n], 4),
-                }
-            )
-        return records
+        return heuristic_records(batch, self.generate(batch), self.knowledge)
 
     # --- interpretability ------------------------------------------------------------------
     @torch.no_grad()
@@ -543,11 +524,3 @@ class DPRAG(DPR):
     def edge_details(self, u: torch.Tensor, graphs: Batch) -> dict[str, torch.Tensor]:
         e = self.edge_attributes(u, graphs, self.node_inputs(u, graphs))
         return {"class_probabilities": self.types(e).softmax(-1)}
-
-
-def set_f1(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-row F1 of two (N, M) bool sets (0 when either is empty)."""
-    inter = (predicted & truth).sum(-1).float()
-    precision = inter / predicted.sum(-1).clamp(min=1)
-    recall = inter / truth.sum(-1).clamp(min=1)
-    return torch.where(inter > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)

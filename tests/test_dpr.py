@@ -10,7 +10,7 @@ import torch
 from conftest import quiet_trainer
 
 from datamodules.package_graph import PackageGraphDataModule, pad_packages
-from lightning_modules.dpr import DPRAG, DPRWG, set_f1
+from lightning_modules.dpr import DPRAG, DPRWG
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
 from lightning_modules.layers import AttributedGraphConv
 from lightning_modules.ncf import NCF, bpr_drug_loss, pretrain_ncf
@@ -19,6 +19,7 @@ from lightning_modules.package_generation import (
     mind_interactions,
     personal_rank,
     personalise,
+    set_f1,
     to_index_lists,
     to_multi_hot,
 )
