@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -12,12 +14,15 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.ddi_control import CLI_GROUP as DDI_CONTROLLER
+from callbacks.ddi_control import DDIController
 from callbacks.progress import MedRecModelSummary, progress_bar
 from callbacks.recommendation_writer import RecommendationWriter
+from callbacks.run_checkpoint import RunCheckpoint
 from callbacks.wandb_logging import MedRecWandbLogger, name_wandb_run
 from datamodules.errors import CheckpointError, OptionError, run_reporting_errors
 from lightning_modules.base import MedRecModule
@@ -100,9 +105,13 @@ class MedRecCLI(LightningCLI):
         )
         # Vocabulary sizes and knowledge matrices come from the data, never from the config.
         parser.link_arguments("data.knowledge", "model.init_args.knowledge", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")  # last.ckpt = the latest epoch
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(RecommendationWriter, "predict_output")
+        # The run's DDI controller (SafeDrug's PID β, GAMENet's annealed switch) has a name of its own,
+        # --ddi_controller.init_args.<setting>, for configs, sweeps and γ grids alike; in
+        # trainer.callbacks `--trainer.callbacks.init_args.*` would reach whichever callback is last.
+        parser.add_lightning_class_args(DDIController, DDI_CONTROLLER, subclass_mode=True, required=False)
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_jaccard",
@@ -120,11 +129,16 @@ class MedRecCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, dict) or (args is not None and not isinstance(args, list | tuple)):
             self._raw_args, self._print_config = [], []
-            return super().parse_arguments(parser, args)
+            super().parse_arguments(parser, args)
+            subcommand = self.config.get("subcommand")
+            return refuse_controller_in_callbacks(self.config[subcommand] if subcommand else self.config)
         raw = list(sys.argv[1:] if args is None else args)
         self._print_config = [a for a in raw if a == "--print_config" or a.startswith("--print_config=")]
         self._raw_args = [a for a in raw if a not in self._print_config]
+        refuse_controller_options_in_callbacks(self._raw_args)
         self.config = parser.parse_args(self._raw_args)
+        subcommand = self.config.get("subcommand")
+        refuse_controller_in_callbacks(self.config[subcommand] if subcommand else self.config)
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path`` (file, run folder, ``last``, ``best``), check it holds the config's
@@ -223,7 +237,11 @@ class MedRecCLI(LightningCLI):
         if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
             defaults.append(MedRecModelSummary())
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
-        return super().instantiate_trainer(**kwargs)
+        # callback groups (checkpoint, early_stopping, predict_output, ddi_controller) join the
+        # trainer's callbacks; an unset optional one (`ddi_controller: null`) is none
+        keys = self._parser(self.subcommand).callback_keys
+        extra = [c for c in (self._get(self.config_init, key) for key in keys) if c is not None]
+        return self._instantiate_trainer({**trainer, **kwargs}, extra)
 
     def after_fit(self) -> None:
         """Record the best checkpoint's validation figure with the logger (W&B run summary) and
@@ -236,6 +254,44 @@ class MedRecCLI(LightningCLI):
             trainer.logger.save()
         if trainer.is_global_zero:
             say(fit_summary(trainer))
+
+
+def controller_settings() -> set[str]:
+    """The init arguments of every DDI controller class (``target_ddi``, ``kp``, ``temperature``, ...)."""
+    classes, names = [DDIController], set()
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        names |= {n for n, p in inspect.signature(cls).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
+    return names
+
+
+def refuse_controller_options_in_callbacks(args: list[str]) -> None:
+    """``--trainer.callbacks.init_args.target_ddi`` set the last callback's setting, whichever it was;
+    the controller's settings are ``--ddi_controller.init_args.<name>`` now."""
+    settings = controller_settings()
+    for token in args:
+        match = re.fullmatch(r"--trainer\.callbacks\.(?:init_args\.)?(\w+)(?:=.*)?", token, flags=re.S)
+        if match and match.group(1) in settings:
+            new = f"{DDI_CONTROLLER}.init_args.{match.group(1)}"
+            raise OptionError(
+                f"{token.split('=', 1)[0]}: the DDI controller is no trainer callback; set it with "
+                f"--{new} (in a sweep file: parameter {new})"
+            )
+
+
+def refuse_controller_in_callbacks(config) -> None:
+    """A DDI controller listed in ``trainer.callbacks`` (a config of earlier medrec) is refused,
+    naming its place: the top-level ``ddi_controller:`` key, one per run."""
+    trainer = config.get("trainer") if config is not None else None
+    for callback in (trainer.get("callbacks") if trainer is not None else None) or []:
+        class_path = callback.get("class_path") if isinstance(callback, Namespace) else None
+        if class_path is not None and issubclass(import_class(class_path), DDIController):
+            raise OptionError(
+                f"trainer.callbacks: {class_path.rsplit('.', 1)[-1]} is a DDI controller; give it as the top-level "
+                f"`{DDI_CONTROLLER}:` of the config (class_path and init_args, as in configs/safedrug.yaml) or "
+                f"--{DDI_CONTROLLER}={class_path}, not in trainer.callbacks"
+            )
 
 
 @rank_zero_only

@@ -50,14 +50,12 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
 from lightning_modules.registry import method_configs  # noqa: E402
 
 METHODS = tuple(method_configs())  # every main method config; variants share their parent's code paths
-# Per-method overrides, placed before the recorder is appended to trainer.callbacks (so
-# ``--trainer.callbacks.init_args.*`` reaches the config's last callback, the controller).
-# Target DDI rate 0 keeps the controllers busy on the synthetic cohort, whose predicted DDI
-# rate (~0.015) lies under the configs' targets: SafeDrug's β moves every step, GAMENet draws
-# the DDI loss often. DPR pre-trains NCF for 1 epoch instead of 40.
+# Per-method overrides. Target DDI rate 0 keeps the controllers busy on the synthetic cohort,
+# whose predicted DDI rate (~0.015) lies under the configs' targets: SafeDrug's β moves every
+# step, GAMENet draws the DDI loss often. DPR pre-trains NCF for 1 epoch instead of 40.
 EXTRA = {
-    "safedrug": ["--trainer.callbacks.init_args.target_ddi", "0.0"],
-    "gamenet": ["--trainer.callbacks.init_args.target_ddi", "0.0"],
+    "safedrug": ["--ddi_controller.init_args.target_ddi", "0.0"],
+    "gamenet": ["--ddi_controller.init_args.target_ddi", "0.0"],
     "dpr_wg": ["--model.init_args.pretrain_epochs", "1"],
     "dpr_ag": ["--model.init_args.pretrain_epochs", "1"],
 }

@@ -4,10 +4,11 @@
         [--gammas 0.0 0.02 0.04 0.06 0.08] [--config configs/safedrug.yaml] [--epochs N] [--seed S] \
         [LightningCLI overrides ...]
 
-Every γ is one ``benchmarks/run.py`` run in its own process (``<out>/gamma-<γ>/``), with the
-config's ``PIDDDIController`` target set to γ. The script then writes ``<out>/gamma.md`` (one
-row per γ: test figures and whether the output DDI stays within ``--tolerance`` of γ),
-``<out>/gamma.json`` (the same rows, for ``leaderboard.py --gamma-report``) and
+Every γ is one ``benchmarks/run.py`` run in its own process (``<out>/gamma-<γ>/``) of the
+config as it is plus ``--ddi_controller.init_args.target_ddi=<γ>`` (its ``results.json`` records
+both; the config's ``ddi_controller`` must be a ``PIDDDIController``). The script then writes
+``<out>/gamma.md`` (one row per γ: test figures and whether the output DDI stays within
+``--tolerance`` of γ), ``<out>/gamma.json`` (the same rows, for ``leaderboard.py --gamma-report``) and
 ``<out>/gamma.png`` (Jaccard against output DDI rate). A γ whose ``results.json`` exists is
 not trained again, so an interrupted sweep resumes and disjoint ``--gammas`` lists can run in
 parallel into one ``--out``; ``--report-only`` rebuilds the reports from finished runs. The
@@ -42,18 +43,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return parser.parse_known_args(argv)
 
 
-def config_with_target(config: Path, gamma: float, dest: Path) -> Path:
-    """Copy of ``config`` whose PIDDDIController aims at ``gamma`` (an error if it has none)."""
-    settings = yaml.safe_load(config.read_text())
-    controllers = [
-        c for c in settings.get("trainer", {}).get("callbacks", []) or [] if c.get("class_path") == CONTROLLER
-    ]
-    if len(controllers) != 1:
-        raise SystemExit(f"{config}: needs exactly one {CONTROLLER} callback to set γ, found {len(controllers)}")
-    controllers[0].setdefault("init_args", {})["target_ddi"] = gamma
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return dest
+def check_controller(config: Path) -> None:
+    """The γ grid steers SafeDrug's PID controller: refuse a config whose ``ddi_controller`` is another."""
+    controller = (yaml.safe_load(config.read_text()) or {}).get("ddi_controller") or {}
+    if controller.get("class_path") != CONTROLLER:
+        raise SystemExit(f"{config}: its ddi_controller must be {CONTROLLER} to set γ, found {controller or None}")
+
+
+def target_option(gamma: float) -> str:
+    return f"--ddi_controller.init_args.target_ddi={gamma:g}"
 
 
 def run_dir(out: Path, gamma: float) -> Path:
@@ -62,21 +60,23 @@ def run_dir(out: Path, gamma: float) -> Path:
 
 def train(opts: argparse.Namespace, overrides: list[str]) -> None:
     out = Path(opts.out)
+    config = str(Path(opts.config).resolve())
+    check_controller(Path(config))
     for gamma in opts.gammas:
         folder = run_dir(out, gamma)
         if (folder / "results.json").is_file():  # finished earlier: an interrupted sweep resumes
             print(f"γ = {gamma:.2f}: reusing {folder / 'results.json'}", flush=True)
             continue
-        config = config_with_target(Path(opts.config), gamma, folder / "config.yaml")
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", str(config), "--out", str(folder)]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", config, "--out", str(folder)]
         if opts.data:
             cmd += ["--data", opts.data]
         if opts.epochs is not None:
             cmd += ["--epochs", str(opts.epochs)]
         if opts.seed is not None:
             cmd += ["--seed", str(opts.seed)]
-        print(f"γ = {gamma:.2f}: {' '.join(cmd + overrides)}", flush=True)
-        subprocess.run(cmd + overrides, check=True, cwd=ROOT)
+        cmd += [*overrides, target_option(gamma)]  # last: the grid's γ wins over an override's
+        print(f"γ = {gamma:.2f}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def collect(out: Path, gammas: list[float]) -> list[dict]:

@@ -1,8 +1,9 @@
 """Training-loop controllers and helpers."""
 
 from callbacks.ddi_annealing import DDIAnnealing
+from callbacks.ddi_control import DDIController
 from callbacks.epoch_timer import EpochTimer
 from callbacks.pid_ddi import PIDDDIController
 from callbacks.recommendation_writer import RecommendationWriter
 
-__all__ = ["EpochTimer", "PIDDDIController", "DDIAnnealing", "RecommendationWriter"]
+__all__ = ["EpochTimer", "DDIController", "PIDDDIController", "DDIAnnealing", "RecommendationWriter"]

@@ -7,10 +7,10 @@ import math
 import lightning as L
 import torch
 
-from callbacks.ddi_control import AttachedDDIControl
+from callbacks.ddi_control import DDIController
 
 
-class DDIAnnealing(AttachedDDIControl):
+class DDIAnnealing(DDIController):
     """Simulated-annealing choice of the training loss (GAMENet, Shang et al. 2019, "Training").
 
     At every training step the module reports the DDI rate s' of its thresholded predictions for
@@ -21,6 +21,7 @@ class DDIAnnealing(AttachedDDIControl):
     training settles. The authors' code steps, and decides, once per visit; here one decision
     covers a batch, whose rate pools the interacting and all predicted pairs of all its visits.
 
+    Given as the run's ``ddi_controller`` (``--ddi_controller.init_args.temperature=0.5``).
     Protocol: the LightningModule has an attribute ``ddi_switch`` (None by default); this
     callback puts itself there for the fit and the module calls :meth:`choose` once per training
     step with its batch's interacting-pair and all-pair counts.
@@ -100,8 +101,7 @@ class DDIAnnealing(AttachedDDIControl):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.temperature = float(state_dict["temperature"])
-        self.epochs_annealed = int(state_dict.get("epochs_annealed", 0))
-        if "generator" in state_dict:
-            self.generator.set_state(state_dict["generator"])
-        self.steps = int(state_dict.get("steps", 0))
-        self.ddi_steps = int(state_dict.get("ddi_steps", 0))
+        self.epochs_annealed = int(state_dict["epochs_annealed"])
+        self.generator.set_state(state_dict["generator"])
+        self.steps = int(state_dict["steps"])
+        self.ddi_steps = int(state_dict["ddi_steps"])

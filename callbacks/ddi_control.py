@@ -1,14 +1,24 @@
-"""What the DDI controllers share: attaching to the module they steer, and the batch DDI rate
-pooled over every DDP rank."""
+"""What the DDI controllers share: their place on the command line, attaching to the module they
+steer, and the batch DDI rate pooled over every DDP rank."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
 
+from datamodules.errors import OptionError
 
-class AttachedDDIControl(L.Callback):
-    """A callback the LightningModule calls during its training step.
+CLI_GROUP = "ddi_controller"
+"""train.py's argument group of the run's one DDI controller (``--ddi_controller.init_args.target_ddi``)."""
+
+
+class DDIController(L.Callback):
+    """A callback that steers the DDI term of a model's loss; the LightningModule calls it during
+    its training step.
+
+    A run has at most one, given in train.py's ``ddi_controller`` group (config key
+    ``ddi_controller:``, options ``--ddi_controller.init_args.<name>``), never in
+    ``trainer.callbacks``: a list position is not a stable name for a sweep or a γ grid.
 
     Subclasses name the module attribute they occupy (``attribute``, e.g. SafeDrug's
     ``ddi_controller``); for the fit the callback stores itself there, and removes itself at
@@ -33,9 +43,9 @@ class AttachedDDIControl(L.Callback):
         if stage != "fit":
             return
         if not hasattr(pl_module, self.attribute):
-            raise TypeError(
-                f"{type(self).__name__} needs a module with a `{self.attribute}` attribute; "
-                f"{type(pl_module).__name__} has none"
+            raise OptionError(
+                f"--{CLI_GROUP} {type(self).__name__} steers a module with a `{self.attribute}` attribute; "
+                f"{type(pl_module).__name__} has none (choose another controller, or --{CLI_GROUP}=null)"
             )
         setattr(pl_module, self.attribute, self)
         self._strategy = trainer.strategy

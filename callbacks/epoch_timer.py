@@ -38,4 +38,4 @@ class EpochTimer(L.Callback):
         return {"epoch_seconds": self.epoch_seconds}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
+        self.epoch_seconds = list(state_dict["epoch_seconds"])

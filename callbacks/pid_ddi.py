@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from callbacks.ddi_control import AttachedDDIControl
+from callbacks.ddi_control import DDIController
 from lightning_modules.step_logging import log_step_and_epoch
 
 
-class PIDDDIController(AttachedDDIControl):
+class PIDDDIController(DDIController):
     """β of SafeDrug's loss β·L_acc + (1 − β)·L_ddi from the DDI rate of each training batch.
 
     Paper Eq. 19 (proportional control): with the batch DDI rate r of the thresholded
@@ -24,6 +24,7 @@ class PIDDDIController(AttachedDDIControl):
     D = e − e_previous; β = 1 when u <= 0, else max(0, 1 − u). With Ki = Kd = 0 (default) this
     is exactly Eq. 19.
 
+    Given as the run's ``ddi_controller`` (``--ddi_controller.init_args.target_ddi=0.06``).
     Protocol: the LightningModule has a ``ddi_controller`` attribute (e.g. SafeDrug); this
     callback puts itself there for the fit, and the module calls :meth:`update` once per
     training step with its batch's interacting-pair and all-pair counts and uses the β it
@@ -102,7 +103,7 @@ class PIDDDIController(AttachedDDIControl):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.beta = float(state_dict["beta"])
-        self.ddi_rate = float(state_dict.get("ddi_rate", 0.0))
-        self.error = float(state_dict.get("error", 0.0))
-        self.integral = float(state_dict.get("integral", 0.0))
-        self.steps = int(state_dict.get("steps", 0))
+        self.ddi_rate = float(state_dict["ddi_rate"])
+        self.error = float(state_dict["error"])
+        self.integral = float(state_dict["integral"])
+        self.steps = int(state_dict["steps"])

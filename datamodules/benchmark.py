@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datamodules.cache import cache_name, file_stamp
 from datamodules.cohort import Cohort, CohortError
 from datamodules.knowledge import atc3_medication_names
 from datamodules.safe_pickle import load_pickle
@@ -64,6 +65,12 @@ _BRACKETED = re.compile(r"^(<[^<>]*>|\[[^\[\]]*\])$")
 
 # (key in voc_final.pkl, cohort vocabulary, position in a visit)
 VOCABULARIES = (("diag_voc", "diagnosis", 0), ("pro_voc", "procedure", 1), ("med_voc", "medication", 2))
+
+
+def import_cache_name(folder: Path) -> str:
+    """The cache entry of ``folder``'s import: its pickles' stamps and ``IMPORT_VERSION``."""
+    inputs = {p.name: file_stamp(p) for p in sorted(folder.glob("*.pkl")) if p.is_file()}
+    return cache_name(f"benchmark-{folder.name}", {"import": IMPORT_VERSION, "inputs": inputs})
 
 
 def is_benchmark_folder(folder: str | Path) -> bool:

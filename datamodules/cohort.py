@@ -18,20 +18,15 @@ pandas; JSON/CSV keep the small knowledge files readable by hand.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
-import shutil
-import socket
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from datamodules.atomic import UnwritableFolder, read_folder, replace_folder
 from datamodules.errors import MedRecError
 
 FORMAT_VERSION = 1
@@ -234,77 +229,53 @@ class Cohort:
             )
 
     # --- disk --------------------------------------------------------------------------
-    def save(self, folder: str | os.PathLike, force: bool = False) -> Path:
-        """Write atomically: a half-written cohort never appears under ``folder``.
+    def save(self, folder: str | os.PathLike, force: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+        """Write atomically (``datamodules.atomic.replace_folder``): a half-written cohort never
+        appears under ``folder``.
 
         An existing ``folder`` is replaced only when it is empty or holds a cohort medrec wrote
-        (its files alone) from the same source; ``force=True`` replaces anything. Staging folders
-        that killed runs left next to ``folder`` are removed first.
+        (its files alone) from the same source; ``force=True`` replaces anything.
+        ``extra_files`` ({name: text}) are written with the cohort (a source's report, e.g. the
+        ETL's ``etl.json``) and count as medrec's files on the next replace.
         """
         folder = Path(folder)
-        check_replaceable(folder, source=self.source, force=force)
+        extra_files = extra_files or {}
+        check_replaceable(folder, source=self.source, extra_files=tuple(extra_files), force=force)
         try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_staging(folder)
-            tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(folder), dir=folder.parent))
-        except OSError as err:  # read-only or missing cache folder, a file in the way, a full disk
+            return replace_folder(folder, lambda staging: self._write_files(staging, extra_files))
+        except UnwritableFolder as err:  # read-only or missing cache folder, a file in the way, a full disk
             raise CohortError(
                 f"{folder.parent}: cannot write the cohort {folder.name} there ({err.strerror or err}); "
                 "choose a writable folder ($MEDREC_CACHE or --data.init_args.cache_dir for the cache)"
             ) from None
-        try:
-            visits = self.visits.copy()
-            for col in CODE_COLUMNS.values():
-                if col in visits.columns:
-                    visits[col] = visits[col].map(lambda v: np.asarray(v, dtype=np.int32))
-            visits.to_parquet(tmp / "visits.parquet", index=False)
-            vocab = dict(self.vocab)
-            if self.medication_names is not None:
-                vocab["medication_names"] = list(self.medication_names)
-            (tmp / "vocab.json").write_text(json.dumps(vocab))
-            pd.DataFrame(self.ddi_pairs, columns=["drug_a", "drug_b"]).to_csv(tmp / "ddi.csv", index=False)
-            (tmp / "smiles.json").write_text(json.dumps(self.smiles, indent=1))
-            self.relations[["drug_a", "drug_b", "relation", "direction"]].to_csv(
-                tmp / "drug_relations.csv", index=False
-            )
-            meta = {"format_version": FORMAT_VERSION, "source": self.source, **self.summary()}
-            (tmp / "cohort.json").write_text(json.dumps(meta, indent=1))
-            os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700: a shared cache must stay readable
-            # swap by two renames (readers that meet the short gap wait: see load), then delete
-            old = folder.parent / f"{tmp.name}-old"
-            if folder.exists():
-                folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+    def _write_files(self, folder: Path, extra_files: dict[str, str]) -> None:
+        visits = self.visits.copy()
+        for col in CODE_COLUMNS.values():
+            if col in visits.columns:
+                visits[col] = visits[col].map(lambda v: np.asarray(v, dtype=np.int32))
+        visits.to_parquet(folder / "visits.parquet", index=False)
+        vocab = dict(self.vocab)
+        if self.medication_names is not None:
+            vocab["medication_names"] = list(self.medication_names)
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        pd.DataFrame(self.ddi_pairs, columns=["drug_a", "drug_b"]).to_csv(folder / "ddi.csv", index=False)
+        (folder / "smiles.json").write_text(json.dumps(self.smiles, indent=1))
+        self.relations[["drug_a", "drug_b", "relation", "direction"]].to_csv(folder / "drug_relations.csv", index=False)
+        meta = {"format_version": FORMAT_VERSION, "source": self.source, **self.summary()}
+        (folder / "cohort.json").write_text(json.dumps(meta, indent=1))
+        for name, text in extra_files.items():
+            (folder / name).write_text(text)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, wait_s: float = 30.0) -> Cohort:
         """Read and validate a cohort folder; while another process replaces it (its staging folder
         exists), a read that meets missing files waits for the writer, up to ``wait_s``."""
         folder = Path(folder)
-        deadline = time.monotonic() + wait_s
-        while True:
-            before = _identity(folder)
-            try:
-                cohort = cls._load_once(folder)
-            except (CohortError, OSError) as err:
-                # a writer's swap (two renames) can land between two of our reads
-                swapped = _identity(folder) != before
-                vanished = isinstance(err, OSError) or "missing" in str(err) or "not a cohort folder" in str(err)
-                if not ((swapped or vanished and writer_active(folder)) and time.monotonic() < deadline):
-                    if isinstance(err, OSError):
-                        raise CohortError(f"{folder}: cannot be read ({err})") from None
-                    raise
-            else:
-                # optional files (smiles, relations) read during a swap would silently be empty: the
-                # folder must be the same one from the first read to the last
-                if _identity(folder) == before or time.monotonic() >= deadline:
-                    return cohort
-            time.sleep(0.05)
+        try:
+            return read_folder(folder, cls._load_once, wait_s, errors=(CohortError, OSError), vanished=_vanished)
+        except OSError as err:
+            raise CohortError(f"{folder}: cannot be read ({err})") from None
 
     @classmethod
     def _load_once(cls, folder: Path) -> Cohort:
@@ -346,13 +317,9 @@ class Cohort:
         return cohort.validate(where=str(folder))
 
 
-def _identity(folder: Path) -> tuple[int, int, int] | None:
-    """Which directory ``folder`` names now; a replace installs a new one (ctime guards inode reuse)."""
-    try:
-        st = os.stat(folder)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_ctime_ns
+def _vanished(err: BaseException) -> bool:
+    """A cohort file (or the folder) is gone: what a read meets in the gap of a replace."""
+    return isinstance(err, OSError) or "missing" in str(err) or "not a cohort folder" in str(err)
 
 
 def _read_json(path: Path, damaged: str) -> dict:
@@ -496,59 +463,6 @@ def check_replaceable(
                 f"{target} holds a cohort of another source ({written!r}, this one is {source!r}); "
                 f"refusing to replace it ({hint})"
             )
-
-
-def staging_prefix(folder: Path) -> str:
-    """Staging folders name their writer, so a later run can tell a dead writer's leftovers."""
-    return f".{folder.name}.staging-{socket.gethostname()}-{os.getpid()}."
-
-
-def writer_active(folder: Path) -> bool:
-    """Another live process is writing ``folder`` right now (its staging folder exists)."""
-    return any(not stale for _, stale in _staging_folders(folder))
-
-
-def remove_stale_staging(folder: Path) -> list[Path]:
-    """Delete the staging folders of ``folder`` that killed writers left (see ``_staging_folders``)."""
-    removed = []
-    for path, stale in _staging_folders(folder):
-        if stale:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _staging_folders(folder: Path, max_age_s: float = 86_400.0):
-    """(path, stale) of each staging folder of ``folder``: stale when its writer (this host) is
-    dead, or - for a writer on another host - when it is older than a day."""
-    if not folder.parent.is_dir():
-        return
-    host = socket.gethostname()
-    for path in folder.parent.glob(f".{glob.escape(folder.name)}.staging-*"):
-        match = re.fullmatch(rf"\.{re.escape(folder.name)}\.staging-(.+)-(\d+)\.[^.]*", path.name)
-        if match is None:
-            continue
-        try:
-            old = time.time() - path.stat().st_mtime > max_age_s
-        except OSError:  # removed meanwhile
-            continue
-        yield path, (match.group(1) == host and not _alive(int(match.group(2)))) or old
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def is_cohort_folder(folder: str | os.PathLike) -> bool:

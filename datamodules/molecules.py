@@ -31,8 +31,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,8 +41,9 @@ from rdkit import Chem, RDLogger
 from rdkit.Chem import BRICS
 from torch_geometric.data import Batch, Data
 
+from datamodules.atomic import write_file
+from datamodules.cache import cache_name, default_cache_dir
 from datamodules.cohort import CohortError
-from datamodules.sources import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +304,8 @@ MASK_CACHE_VERSION = 1
 @functools.lru_cache(maxsize=16)
 def _substructure_mask(key, placeholders: bool) -> SubstructureMask:
     medications, lists = key
-    digest = hashlib.sha1(json.dumps([MASK_CACHE_VERSION, rdkit.__version__, key, placeholders]).encode()).hexdigest()[
-        :16
-    ]
-    path = default_cache_dir() / f"molecules-{digest}.json"
+    name = cache_name("molecules", [MASK_CACHE_VERSION, rdkit.__version__, key, placeholders], length=16)
+    path = default_cache_dir() / f"{name}.json"
     try:
         stored = json.loads(path.read_text())
         return _mask_from_cells(len(medications), stored["substructures"], stored["cells"], stored)
@@ -330,7 +327,7 @@ def _substructure_mask(key, placeholders: bool) -> SubstructureMask:
             fragments = []
         cells += [(d, columns.setdefault(f, len(columns))) for f in fragments]
     stored = {"substructures": list(columns), "cells": cells, "missing": missing, "unparsed": unparsed}
-    _write_atomically(path, json.dumps(stored))
+    _write_cache(path, json.dumps(stored))
     return _mask_from_cells(len(medications), list(columns), cells, stored)
 
 
@@ -348,13 +345,9 @@ def _mask_from_cells(num_drugs: int, substructures: list[str], cells, stored: di
     )
 
 
-def _write_atomically(path, text: str) -> None:
+def _write_cache(path, text: str) -> None:
     """Best effort: a cache that cannot be written only costs the recomputation next time."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        write_file(path, text)
     except OSError as err:
         log.debug("could not cache %s: %s", path, err)

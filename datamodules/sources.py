@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from datamodules.benchmark import BENCHMARK_FILES, IMPORT_VERSION, is_benchmark_folder, read_benchmark
+from datamodules.benchmark import BENCHMARK_FILES, import_cache_name, is_benchmark_folder, read_benchmark
+from datamodules.cache import cached_cohort, default_cache_dir
 from datamodules.cohort import Cohort, CohortError, is_cohort_folder
+from datamodules.mimic.etl import EtlOptions, prepare_cohort
+from datamodules.mimic.tables import detect_layout
 from datamodules.synthetic import SyntheticSpec, synthetic_cohort
-
-if TYPE_CHECKING:
-    from datamodules.mimic.etl import EtlOptions
-
-log = logging.getLogger(__name__)
 
 Source = Literal["auto", "cohort", "benchmark", "synthetic", "mimic3", "mimic4"]
 RAW_MIMIC3_MARKERS = ("ADMISSIONS.csv", "ADMISSIONS.csv.gz", "admissions.csv", "admissions.csv.gz")
-
-
-def default_cache_dir() -> Path:
-    """Where generated and imported cohorts are kept: $MEDREC_CACHE or ~/.cache/medrec."""
-    return Path(os.environ.get("MEDREC_CACHE") or Path.home() / ".cache" / "medrec")
 
 
 def detect_source(root: str | os.PathLike) -> str:
@@ -37,8 +28,6 @@ def detect_source(root: str | os.PathLike) -> str:
     if is_benchmark_folder(root):
         return "benchmark"
     if any((root / m).is_file() for m in RAW_MIMIC3_MARKERS) or (root / "hosp").is_dir():
-        from datamodules.mimic.tables import detect_layout
-
         layout = detect_layout(root)
         if layout is not None:
             return layout
@@ -46,14 +35,6 @@ def detect_source(root: str | os.PathLike) -> str:
         f"data root {root} holds no recognised data: expected cohort.json (a cohort), "
         f"{BENCHMARK_FILES[0]} (SafeDrug benchmark pickles) or raw MIMIC tables"
     )
-
-
-def _import_key(root: Path) -> str:
-    stamp = "|".join(
-        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.glob("*.pkl")) if p.is_file()
-    )
-    digest = hashlib.sha1(f"{root.resolve()}|{stamp}|v{IMPORT_VERSION}".encode()).hexdigest()[:10]
-    return f"benchmark-{root.name}-{digest}"
 
 
 def resolve_cohort(
@@ -79,15 +60,7 @@ def resolve_cohort(
     if kind == "cohort":
         return Cohort.load(root)
     if kind == "benchmark":
-        folder = cache / _import_key(root)
-        if is_cohort_folder(folder):
-            return Cohort.load(folder)
-        cohort = read_benchmark(root)
-        cohort.save(folder)
-        log.info("imported benchmark %s into cohort %s", root, folder)
-        return cohort
+        return cached_cohort(cache / import_cache_name(root), lambda: read_benchmark(root))
     if kind in ("mimic3", "mimic4"):
-        from datamodules.mimic.etl import prepare_cohort
-
         return prepare_cohort(root, kind, etl, cache_dir=cache)
     raise CohortError(f"unknown data source {kind!r}")

@@ -40,7 +40,6 @@ seen each pair often.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -50,7 +49,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from datamodules.cohort import Cohort, CohortError, is_cohort_folder
+from datamodules.cache import cache_name, cached_cohort
+from datamodules.cohort import Cohort, CohortError
 
 GENERATOR_VERSION = 1
 
@@ -101,8 +101,7 @@ class SyntheticSpec:
         for name in KEYLESS_WHEN_OFF:
             if not fields[name]:
                 del fields[name]
-        payload = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
-        return f"synthetic-{self.patients}p-seed{self.seed}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
+        return cache_name(f"synthetic-{self.patients}p-seed{self.seed}", {"v": GENERATOR_VERSION, **fields})
 
 
 # Routine ICU medications given to most admissions regardless of diagnosis (PPI, electrolytes,
@@ -414,9 +413,4 @@ def generate_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec()) -> Cohort:
 
 def synthetic_cohort(spec: SyntheticSpec, cache_dir: str | Path) -> Cohort:
     """Load the cached cohort for ``spec``, generating and saving it on first use."""
-    folder = Path(cache_dir) / spec.cache_key()
-    if is_cohort_folder(folder):
-        return Cohort.load(folder)
-    cohort = generate_synthetic_cohort(spec)
-    cohort.save(folder)
-    return cohort
+    return cached_cohort(Path(cache_dir) / spec.cache_key(), lambda: generate_synthetic_cohort(spec))

@@ -260,12 +260,6 @@ class MedRecModule(L.LightningModule):
         if KNOWLEDGE_KEY not in checkpoint:
             raise CohortError(f"{path}: not a medrec checkpoint (no {KNOWLEDGE_KEY})")
         knowledge = cls.KNOWLEDGE_CLASS.from_state(checkpoint[KNOWLEDGE_KEY])
-        hparams = {**cls.settings_of_older_checkpoints(checkpoint.get("hyper_parameters", {})), **hparams}
         return cls.load_from_checkpoint(
             path, map_location=map_location, weights_only=True, knowledge=knowledge, **hparams
         )
-
-    @classmethod
-    def settings_of_older_checkpoints(cls, saved: dict) -> dict:
-        """Hyperparameters a checkpoint written before they existed implies (``saved`` lacks them)."""
-        return {}

@@ -81,8 +81,7 @@ class DPR(PackageRecModule):
         message_passing: ``edge_gru`` = a GRU cell on every edge, summed at the target, then
             h_u ← MLP(W₀ h_u + M_u) (``lightning_modules.edge_gru``): DPR-WG's Eq. 11–13, its default;
             ``gated`` = messages summed first and the GRU run once per node, a gated graph network:
-            DPR-AG's default (see ``DPRAG``). Checkpoints written before the option existed hold
-            ``gated`` layers, and ``from_checkpoint`` loads them so.
+            DPR-AG's default (see ``DPRAG``).
         generation: ``candidates`` = choose among S1 (the paper's evaluation); ``heuristic`` =
             predict with the package-generation heuristic of §6 (S1 ∪ S2 ∪ S3; records both
             choices and their F1).
@@ -213,15 +212,9 @@ class DPR(PackageRecModule):
         *(f"heuristic_{k}" for k in ("high", "low", "rare", "unpopular", "frequent", "seldom")),
     )
 
-    @classmethod
-    def settings_of_older_checkpoints(cls, saved: dict) -> dict:
-        # medrec had the gated layers only before the option existed
-        return {} if "message_passing" in saved else {"message_passing": "gated"}
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         written = checkpoint.get("hyper_parameters", {})
-        written = {**self.settings_of_older_checkpoints(written), **written}
         for name in self.ARCHITECTURE_SETTINGS:
             saved = written.get(name, self.hparams[name])
             if saved != self.hparams[name]:
@@ -466,12 +459,6 @@ class DPRAG(DPR):
     """
 
     ARCHITECTURE_SETTINGS = (*DPR.ARCHITECTURE_SETTINGS, "mask_layer")
-
-    @classmethod
-    def settings_of_older_checkpoints(cls, saved: dict) -> dict:
-        implied = super().settings_of_older_checkpoints(saved)
-        # before the option DPR-AG masked its edge attributes
-        return implied if "mask_layer" in saved else {**implied, "mask_layer": "edge"}
 
     def __init__(
         self,

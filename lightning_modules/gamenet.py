@@ -14,7 +14,7 @@ from torch_geometric.utils import add_remaining_self_loops, dense_to_sparse, sca
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
-from lightning_modules.precision import float32
+from lightning_modules.metrics import batch_pair_counts
 from lightning_modules.required_knowledge import require_ddi_pairs
 
 Normalization = Literal["row", "symmetric"]
@@ -210,7 +210,9 @@ class GAMENet(MedRecModule):
         logits = self(batch)
         losses = self.compute_loss(logits, batch)
         if self.ddi_switch is not None:
-            ddi_pairs, all_pairs = self._predicted_pair_counts(logits.detach(), batch["visit_mask"])
+            ddi_pairs, all_pairs = batch_pair_counts(
+                torch.sigmoid(logits.detach().float()), batch["visit_mask"], self.ddi_adj, self.hparams.threshold
+            )
             use_ddi = self.ddi_switch.choose(ddi_pairs, all_pairs)
             losses["ddi_switch"] = logits.new_tensor(float(use_ddi))
             if use_ddi:
@@ -218,12 +220,3 @@ class GAMENet(MedRecModule):
         size = len(batch["lengths"])
         self.log_train_losses(losses, batch_size=size)
         return losses["loss"]
-
-    def _predicted_pair_counts(self, logits: torch.Tensor, visit_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Interacting and all unordered drug pairs among the recommended sets of the batch."""
-        with float32(logits):
-            chosen = ((torch.sigmoid(logits.float()) >= self.hparams.threshold) & visit_mask.unsqueeze(-1)).float()
-            adj = ((self.ddi_adj != 0) | (self.ddi_adj.T != 0)).float().fill_diagonal_(0.0)
-            interacting = ((chosen @ adj) * chosen).sum() / 2
-            n = chosen.sum(-1)
-            return interacting, (n * (n - 1) / 2).sum()

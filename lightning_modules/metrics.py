@@ -33,6 +33,8 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_modules.precision import float32
+
 __all__ = [
     "SCORE_NAMES",
     "SUMMARY_KEYS",
@@ -207,6 +209,21 @@ def _pair_counts(pred: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
     ordered = ((pred_f @ adj) * pred_f).sum(-1).round().long()
     ddi_pairs = (ordered // 2).sum(-1)
     return ddi_pairs, all_pairs
+
+
+def batch_pair_counts(
+    probs: Tensor, visit_mask: Tensor, ddi_adj: Tensor, threshold: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """(interacting, all) unordered pairs of the thresholded drug sets of a batch's real visits.
+
+    Their ratio is the batch DDI rate the training-time controllers (SafeDrug's PID β, GAMENet's
+    annealing switch) compare with their target, counted exactly as the DDI-rate metric counts
+    (``_symmetric_adjacency``); the counts, not the rate, are what is summed over DDP ranks.
+    """
+    with float32(probs):  # per-visit counts exceed what bfloat16 holds exactly
+        pred = _predicted_sets(probs.float(), visit_mask, threshold)
+        ddi_pairs, all_pairs = _pair_counts(pred, _symmetric_adjacency(ddi_adj).to(probs.device))
+    return ddi_pairs.sum().float(), all_pairs.sum().float()
 
 
 # ---------------------------------------------------------------------------

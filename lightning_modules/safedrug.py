@@ -22,6 +22,7 @@ from datamodules.molecules import molecule_coverage, molecule_graphs, require_mo
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
+from lightning_modules.metrics import batch_pair_counts
 from lightning_modules.precision import float32
 from lightning_modules.required_knowledge import require_ddi_pairs
 from lightning_modules.visit_ops import margin_targets
@@ -135,10 +136,9 @@ class SafeDrug(MedRecModule):
             factor after ``patience`` epochs without a better ``val_jaccard`` (None: constant lr).
         normalize: layer-normalise the query q and the drug memory E_g and scale E_g q by 1/√d
             before the sigmoid of Eq. 10 (False: the paper). A departure, for conditioning: without
-            it the MPNN vectors grow until |E_g q| ≈ 400 on mimic3-safedrug, σ saturates and m_g
-            is the same for every patient (the global encoder then only rescales drugs), and on
-            the synthetic cohort the unnormalised query saturates the local encoder's σ(W_f q),
-            which stalls learning at the most frequent drugs.
+            it E_g q grows until σ saturates and m_g is the same for every patient (the global
+            encoder then only rescales drugs), and the unnormalised query can saturate the local
+            encoder's σ(W_f q); the measurements are in docs/safedrug.md.
     """
 
     def __init__(
@@ -371,8 +371,8 @@ class SafeDrug(MedRecModule):
         beta = 1.0
         if self.ddi_controller is not None:
             with torch.no_grad():
-                counts = predicted_ddi_counts(
-                    torch.sigmoid(logits), batch["visit_mask"], self.ddi_adj, self.hparams.threshold
+                counts = batch_pair_counts(
+                    torch.sigmoid(logits.float()), batch["visit_mask"], self.ddi_adj, self.hparams.threshold
                 )
             beta = self.ddi_controller.update(*counts)
         losses = self.compute_loss(logits, batch, beta)
@@ -387,18 +387,3 @@ class SafeDrug(MedRecModule):
             optimizer, mode="max", factor=self.hparams.lr_plateau_factor, patience=self.hparams.lr_plateau_patience
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_jaccard"}}
-
-
-def predicted_ddi_counts(
-    probs: torch.Tensor, visit_mask: torch.Tensor, ddi_adj: torch.Tensor, threshold: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(interacting, all) unordered pairs of the thresholded predicted drug sets of the real visits.
-
-    Their ratio is the batch DDI rate the controller compares with its target; the counts (not
-    the rate) are what is summed over DDP ranks. ``ddi_adj`` is symmetric with a zero diagonal.
-    """
-    pred = ((probs >= threshold) & visit_mask.bool().unsqueeze(-1)).to(ddi_adj.dtype)
-    n = pred.sum(-1)
-    all_pairs = (n * (n - 1) / 2).sum()
-    ddi_pairs = ((pred @ ddi_adj) * pred).sum() / 2
-    return ddi_pairs, all_pairs

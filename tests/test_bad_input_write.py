@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from conftest import write_cohort
 
-from datamodules.cohort import Cohort, CohortError, staging_prefix
+from datamodules.atomic import staging_prefix
+from datamodules.cohort import Cohort, CohortError
 from datamodules.mimic.cli import main as prepare_main
 from datamodules.synthetic import SyntheticSpec, generate_synthetic_cohort
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_onboarding import Voc, _Call, _load_type, write_old_dill
+from test_onboarding import _Call, _load_type, write_ddi_matrix, write_old_dill, write_vocabularies
 
 from datamodules.benchmark import read_benchmark
 from datamodules.cohort import CohortError
@@ -36,24 +36,6 @@ SMILES = {
     "A01A": ["[Na+].[F-]"],  # a salt: one SMILES, two fragments
     "B01A": ["CC(=O)CC(c1ccccc1)c1c(O)c2ccccc2oc1=O"],
 }
-
-
-def write_vocabularies(path: Path, diag, proc, meds) -> None:
-    """voc_final.pkl as GAMENet/SafeDrug dumped it: ``Voc`` instances of a class stored by value."""
-    vocabularies = {}
-    for key, words in (("diag_voc", diag), ("med_voc", meds), ("pro_voc", proc)):
-        voc = Voc.__new__(Voc)
-        voc.idx2word = dict(enumerate(words))
-        voc.word2idx = {w: i for i, w in enumerate(words)}
-        vocabularies[key] = voc
-    write_old_dill(path, vocabularies)
-
-
-def write_ddi(path: Path, codes: list[str], pairs) -> None:
-    adj = np.zeros((len(codes), len(codes)))
-    for a, b in pairs:
-        adj[codes.index(a), codes.index(b)] = adj[codes.index(b), codes.index(a)] = 1
-    write_old_dill(path, adj)
 
 
 def write_idx2drug(path: Path, smiles: dict[str, list[str]]) -> None:
@@ -72,7 +54,7 @@ def write_release(folder: Path, records, meds, diag=("4019", "2724"), proc=("389
     write_vocabularies(folder / "voc_final.pkl", [*specials, *diag], [*specials, *proc], full)
     with open(folder / "records_final.pkl", "wb") as fh:
         pickle.dump(records, fh)
-    write_ddi(folder / "ddi_A_final.pkl", list(ddi_span or full), [("N02B", "B01A")])
+    write_ddi_matrix(folder / "ddi_A_final.pkl", list(ddi_span or full), [("N02B", "B01A")])
     return folder
 
 
@@ -191,7 +173,7 @@ def _idx2drug_number(folder):
 
 
 def _ddi_of_another_size(folder):
-    write_ddi(folder / "ddi_A_final.pkl", ["N02B", "A01A", "B01A", "X", "Y", "Z"], [])
+    write_ddi_matrix(folder / "ddi_A_final.pkl", ["N02B", "A01A", "B01A", "X", "Y", "Z"], [])
 
 
 @pytest.mark.parametrize(
@@ -264,12 +246,12 @@ def test_a_gamenet_family_release_trains_safedrug(tmp_path, monkeypatch, caplog)
 
 def test_an_import_by_an_older_importer_is_not_served_from_the_cache(tmp_path, monkeypatch):
     """A release imported before special tokens were dropped would keep 'seperator' as a drug."""
-    import datamodules.sources as sources
+    import datamodules.benchmark as benchmark
 
     folder = write_release(
         tmp_path / "gamenet", [[[[2], [2], [2, 4]]]], ["N02B", "A01A", "B01A"], specials=GAMENET_TOKENS
     )
-    monkeypatch.setattr(sources, "IMPORT_VERSION", 1)
+    monkeypatch.setattr(benchmark, "IMPORT_VERSION", 1)
     resolve_cohort(folder, cache_dir=tmp_path / "cache")
     monkeypatch.undo()
     cohort = resolve_cohort(folder, cache_dir=tmp_path / "cache")

@@ -175,24 +175,6 @@ def test_a_checkpoint_loads_only_into_its_own_mask_layer(data, train_batch, tmp_
         DPRAG(knowledge=data.knowledge, **SMALL).on_load_checkpoint(
             torch.load(tmp_path / "drug.ckpt", weights_only=False)
         )
-    # checkpoints written before the option masked the edge attributes, and load so
-    torch.manual_seed(0)
-    model = DPRAG(knowledge=data.knowledge, **SMALL)
-    trainer = quiet_trainer(max_steps=1)
-    trainer.fit(model, datamodule=data)
-    trainer.save_checkpoint(tmp_path / "edge.ckpt")
-    checkpoint = torch.load(tmp_path / "edge.ckpt", weights_only=False)
-    del checkpoint["hyper_parameters"]["mask_layer"]
-    torch.save(checkpoint, tmp_path / "old.ckpt")
-    with pytest.raises(ValueError, match="trained with mask_layer='edge'"):
-        DPRAG(knowledge=data.knowledge, mask_layer="drug", **SMALL).on_load_checkpoint(checkpoint)
-    loaded = DPRAG.from_checkpoint(str(tmp_path / "old.ckpt")).eval()
-    assert loaded.hparams.mask_layer == "edge"
-    model.eval()
-    u = model.encoder(train_batch)
-    torch.testing.assert_close(
-        loaded.package_scores(u, train_batch["graphs"])[0], model.package_scores(u, train_batch["graphs"])[0]
-    )
 
 
 def test_dot_score_head_adds_the_patient_package_product(data, train_batch):
@@ -291,24 +273,21 @@ def test_pretraining_state_travels_with_the_checkpoint(data):
     model.on_fit_start()  # resumed: no trainer needed, nothing re-trained
 
 
-def test_a_checkpoint_from_before_the_message_passing_option_loads_as_gated(data, train_batch, tmp_path):
+def test_a_checkpoint_loads_only_into_its_own_message_passing(data, train_batch, tmp_path):
     torch.manual_seed(0)
     model = DPRWG(knowledge=data.knowledge, message_passing="gated", **SMALL)
     trainer = quiet_trainer(max_steps=1)
     trainer.fit(model, datamodule=data)
-    trainer.save_checkpoint(tmp_path / "new.ckpt")
-    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
-    del checkpoint["hyper_parameters"]["message_passing"]  # as medrec wrote them before the option
-    torch.save(checkpoint, tmp_path / "old.ckpt")
+    trainer.save_checkpoint(tmp_path / "gated.ckpt")
     model.eval()
-    assert DPRWG.from_checkpoint(str(tmp_path / "new.ckpt")).hparams.message_passing == "gated"  # saved
-    loaded = DPRWG.from_checkpoint(str(tmp_path / "old.ckpt")).eval()  # implied by the checkpoint's age
+    loaded = DPRWG.from_checkpoint(str(tmp_path / "gated.ckpt")).eval()
     assert loaded.hparams.message_passing == "gated"
     u = model.encoder(train_batch)
     torch.testing.assert_close(
         loaded.package_scores(u, train_batch["graphs"])[0], model.package_scores(u, train_batch["graphs"])[0]
     )
     # a model a config built with the other layers (train.py ... --ckpt_path) is told which setting loads it
+    checkpoint = torch.load(tmp_path / "gated.ckpt", weights_only=False)
     with pytest.raises(ValueError, match="trained with message_passing='gated'.*message_passing=gated"):
         DPRWG(knowledge=data.knowledge, **SMALL).on_load_checkpoint(checkpoint)
 

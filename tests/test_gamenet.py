@@ -13,6 +13,7 @@ from conftest import first_batch, fit_and_test, handmade_datamodule, quiet_train
 
 from callbacks import DDIAnnealing
 from datamodules.cohort import Cohort
+from datamodules.errors import OptionError
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import GAMENet, Nearest
 from lightning_modules.ddi_loss import ddi_loss
@@ -240,7 +241,7 @@ def test_temperature_decays_each_epoch_and_is_checkpointed(data, tmp_path):
 
 def test_callback_refuses_a_module_without_a_switch(data):
     trainer = L.Trainer(max_epochs=1, logger=False, callbacks=[DDIAnnealing()], enable_progress_bar=False)
-    with pytest.raises(TypeError, match="ddi_switch"):
+    with pytest.raises(OptionError, match="--ddi_controller DDIAnnealing steers a module with a `ddi_switch`"):
         trainer.fit(Nearest(knowledge=data.knowledge), datamodule=data)
 
 

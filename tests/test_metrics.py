@@ -29,6 +29,7 @@ from lightning_modules.metrics import (
     PatientMetricTable,
     Precision,
     Recall,
+    batch_pair_counts,
     bootstrap,
     patient_means,
     recommendation_metrics,
@@ -697,3 +698,27 @@ def test_cuda_matches_cpu():
         assert values[key].item() == pytest.approx(expected[key], abs=1e-6), key
     reference = reference_results(probs, target, mask, adj)
     assert summarize(table.compute()) == pytest.approx(reference, abs=1e-5)
+
+
+def test_batch_pair_counts_are_exact_under_bf16_autocast():
+    # 50 drugs all recommended, all interacting: 1225 pairs, an integer bfloat16 cannot hold
+    m = 50
+    adj = torch.ones(m, m) - torch.eye(m)
+    probs = torch.ones(1, 1, m)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ddi, total = batch_pair_counts(probs.bfloat16(), mask, adj)
+    assert (ddi.item(), total.item()) == (1225, 1225)
+    assert ddi.dtype == total.dtype == torch.float32
+
+
+def test_batch_pair_counts_count_like_the_ddi_rate_metric():
+    # a one-sided adjacency entry counts, a drug with itself never does (the metric's rule)
+    adj = torch.zeros(3, 3)
+    adj[0, 1] = adj[2, 2] = 1.0
+    probs = torch.tensor([[[0.9, 0.9, 0.9]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    ddi, total = batch_pair_counts(probs, mask, adj)
+    metric = DDIRate(adj)
+    metric.update(probs, mask)
+    assert ddi.item() / total.item() == pytest.approx(metric.compute().item()) == pytest.approx(1 / 3)

@@ -230,13 +230,12 @@ def test_interrupted_write_leaves_previous_cohort(raw3, tmp_path, monkeypatch):
     out = tmp_path / "cohort"
     first = prepare_cohort(raw3, options=ALL, out=out)
 
-    real_save = Cohort.save
-
-    def save_then_interrupt(self, folder):
-        real_save(self, folder)  # every file written, then the run is killed before the rename
+    def interrupt(self, target):  # every file written, then the run is killed before the swap
+        (staged,) = tmp_path.glob(".*.staging-*")
+        assert {"cohort.json", "etl.json", "visits.parquet"} <= {p.name for p in staged.iterdir()}
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Cohort, "save", save_then_interrupt)
+    monkeypatch.setattr(Path, "rename", interrupt)
     with pytest.raises(KeyboardInterrupt):
         prepare_cohort(raw3, options=EtlOptions(min_admissions=2), out=out, force=True)
     with pytest.raises(KeyboardInterrupt):

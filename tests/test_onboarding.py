@@ -92,15 +92,20 @@ def write_old_dill(path: Path, obj) -> None:
         _OldDillPickler(fh, voc_class=Voc).dump(obj)
 
 
-def write_vocabulary(path: Path, medications: list[str], specials=("seperator", "decoder_point")) -> None:
-    """A release's voc_final.pkl; GAMENet's medication vocabulary starts with two special tokens."""
+def write_vocabularies(path: Path, diag, proc, meds) -> None:
+    """voc_final.pkl as GAMENet/SafeDrug dumped it: ``Voc`` instances of a class stored by value."""
     vocabularies = {}
-    for key, words in (("diag_voc", ["4019"]), ("pro_voc", ["3893"]), ("med_voc", [*specials, *medications])):
+    for key, words in (("diag_voc", diag), ("pro_voc", proc), ("med_voc", meds)):
         voc = Voc.__new__(Voc)
         voc.idx2word = dict(enumerate(words))
         voc.word2idx = {w: i for i, w in enumerate(words)}
         vocabularies[key] = voc
     write_old_dill(path, vocabularies)
+
+
+def write_vocabulary(path: Path, medications: list[str], specials=("seperator", "decoder_point")) -> None:
+    """A release's voc_final.pkl; GAMENet's medication vocabulary starts with two special tokens."""
+    write_vocabularies(path, ["4019"], ["3893"], [*specials, *medications])
 
 
 def write_ddi_matrix(path: Path, codes: list[str], pairs) -> None:

@@ -9,9 +9,10 @@ from conftest import first_batch, fit_and_test, quiet_trainer, write_cohort
 
 from callbacks import PIDDDIController
 from datamodules.cohort import CohortError
+from datamodules.errors import OptionError
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import LogisticRegression, Nearest, SafeDrug
-from lightning_modules.safedrug import predicted_ddi_counts
+from lightning_modules.metrics import batch_pair_counts
 
 
 @pytest.fixture()
@@ -114,12 +115,12 @@ def test_loss_is_beta_weighted_mix_of_accuracy_and_ddi(data):
     assert one["ddi"].item() == pytest.approx(0.0005 * by_hand, rel=1e-4)
 
 
-def test_predicted_ddi_counts_by_hand():
+def test_batch_pair_counts_by_hand():
     adj = torch.zeros(4, 4)
     adj[0, 3] = adj[3, 0] = 1.0
     probs = torch.tensor([[[0.9, 0.1, 0.6, 0.7], [0.9, 0.9, 0.9, 0.9]], [[0.6, 0.0, 0.0, 0.6], [1.0, 1.0, 1.0, 1.0]]])
     mask = torch.tensor([[True, True], [True, False]])
-    ddi, total = predicted_ddi_counts(probs, mask, adj)
+    ddi, total = batch_pair_counts(probs, mask, adj)
     # visit sets {0,2,3} (3 pairs, 1 adverse), {0,1,2,3} (6, 1), {0,3} (1, 1); padding ignored
     assert (ddi.item(), total.item()) == (3, 10)
 
@@ -211,7 +212,7 @@ def test_controller_in_a_fit_logs_and_checkpoints_its_state(data, tmp_path):
 
 def test_controller_refuses_a_module_without_ddi_control(data):
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[PIDDDIController()])
-    with pytest.raises(TypeError, match="needs a module with a `ddi_controller`"):
+    with pytest.raises(OptionError, match="--ddi_controller PIDDDIController steers a module with a `ddi_controller`"):
         trainer.fit(LogisticRegression(knowledge=data.knowledge), datamodule=data)
 
 

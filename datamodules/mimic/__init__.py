@@ -1,8 +1,12 @@
 """Raw MIMIC-III / MIMIC-IV -> cohort ETL (DuckDB, out of core) with its drug knowledge files.
 
-``tables`` (where the raw tables are, which columns), ``mappings`` (NDC -> ATC3, ICD maps,
-where mapping files are looked for), ``drug_knowledge`` (TWOSIDES DDI, DrugBank SMILES),
-``etl`` (the rules, the options, the cache), ``cli`` (``medrec-prepare``).
+``etl`` (entry points and the cache: ``prepare_cohort``), ``options`` (``EtlOptions``),
+``pipeline`` (the rules, in order: ``build_cohort``), whose steps are ``readers`` (admissions,
+patients, diagnosis/procedure codes, labs), ``prescriptions`` (NDC -> ATC3, top drugs, SMILES)
+and ``assembly`` (vocabularies, visits, DDI), sharing one ``session``; ``tables`` (where the raw
+tables are, how their columns are spelled), ``mappings`` (NDC -> ATC3, ICD maps, where mapping
+files are looked for), ``drug_knowledge`` (TWOSIDES DDI, DrugBank SMILES), ``cli``
+(``medrec-prepare``).
 """
 
 from datamodules.mimic.etl import ETL_VERSION, EtlOptions, build_cohort, prepare_cohort, read_etl_report
