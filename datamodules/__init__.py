@@ -15,6 +15,7 @@ _EXPORTS = {
     "generate_synthetic_cohort": "datamodules.synthetic",
     "VisitSequenceDataModule": "datamodules.visit_sequence",
     "PackageGraphDataModule": "datamodules.package_graph",
+    "PackageKnowledge": "datamodules.package_graph",
 }
 
 __all__ = list(_EXPORTS)

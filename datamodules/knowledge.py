@@ -2,8 +2,11 @@
 
 A DataModule builds one ``CohortKnowledge`` from its cohort and training split; LightningCLI
 hands it to the model (``link_arguments(..., apply_on="instantiate")``), so no model ever
-hard-codes a vocabulary size. Checkpoints store it, and a checkpoint whose vocabularies do not
-match the data it is used with is refused with a clear error.
+hard-codes a vocabulary size. Everything a model derives from the training split travels here
+(co-prescription graph, drug prevalence, the training stays of MiranDa's ELOS index; DPR's
+candidate pool in ``PackageKnowledge``), never through ``trainer.datamodule``: a checkpoint
+stores it and predicts without its DataModule. A checkpoint whose vocabularies do not match
+the data it is used with is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -38,9 +41,89 @@ def atc3_medication_names(codes: list[str]) -> list[str] | None:
     return [names.get(code, code) for code in codes]
 
 
+def ragged_state(arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """A list of integer arrays as two tensors (values, lengths): checkpoint-safe (weights_only)."""
+    lengths = torch.as_tensor([len(a) for a in arrays], dtype=torch.long)
+    values = np.concatenate([np.asarray(a, np.int64) for a in arrays]) if arrays else np.zeros(0, np.int64)
+    return {"values": torch.from_numpy(values.astype(np.int64)), "lengths": lengths}
+
+
+def from_ragged_state(state: dict) -> list[np.ndarray]:
+    values = torch.as_tensor(state["values"]).numpy().astype(np.int64)
+    ends = np.cumsum(torch.as_tensor(state["lengths"]).numpy())
+    return [part for part in np.split(values, ends[:-1])] if len(ends) else []
+
+
+@dataclass
+class TrainingStays:
+    """The training visits that have an age and a length of stay, as MiranDa's ELOS index
+    (``lightning_modules.elos.StayIndex``, paper §2.3 ``retrieve_p`` / ``retrieve_d``) reads them.
+
+    ``keys`` (V, 2) are ``(patient_index, visit number)`` in the training split, the batch's
+    ``patient_index`` and visit position, so a training visit never retrieves itself.
+    """
+
+    procedures: list[np.ndarray]
+    drugs: list[np.ndarray]
+    ages: np.ndarray
+    stays: np.ndarray
+    keys: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.stays)
+
+    @classmethod
+    def from_sequences(cls, dataset) -> TrainingStays:
+        """From a ``datamodules.visit_sequence.PatientSequences`` (or anything with its ``samples``)."""
+        procedures, drugs, ages, stays, keys = [], [], [], [], []
+        for sample in dataset.samples:
+            for t in range(len(sample["medications"])):
+                procedures.append(np.asarray(sample["procedures"][t], np.int64))
+                drugs.append(np.asarray(sample["medications"][t], np.int64))
+                ages.append(sample["age"][t])
+                stays.append(sample["los"][t])
+                keys.append((sample["patient_index"], t))
+        return cls(
+            procedures,
+            drugs,
+            np.asarray(ages, np.float32),
+            np.asarray(stays, np.float32),
+            np.asarray(keys, np.int64).reshape(-1, 2),
+        )
+
+    def to_state(self) -> dict:
+        return {
+            "procedures": ragged_state(self.procedures),
+            "drugs": ragged_state(self.drugs),
+            "ages": torch.from_numpy(self.ages),
+            "stays": torch.from_numpy(self.stays),
+            "keys": torch.from_numpy(self.keys),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> TrainingStays:
+        return cls(
+            from_ragged_state(state["procedures"]),
+            from_ragged_state(state["drugs"]),
+            torch.as_tensor(state["ages"]).numpy(),
+            torch.as_tensor(state["stays"]).numpy(),
+            torch.as_tensor(state["keys"]).numpy().reshape(-1, 2),
+        )
+
+
+def drug_prevalence(medication_sets, num_medications: int) -> np.ndarray:
+    """Share of ``medication_sets`` (training visits) that hold each drug."""
+    counts = np.zeros(num_medications, np.float32)
+    for drugs in medication_sets:
+        counts[np.unique(np.asarray(drugs, np.int64))] += 1.0
+    return counts / max(len(medication_sets), 1)
+
+
 @dataclass
 class CohortKnowledge:
-    """Vocabularies, DDI adjacency, training co-prescription graph, molecules and relations."""
+    """Vocabularies, DDI adjacency, molecules, relations, and what the training split tells:
+    co-prescription graph (``ehr_adj``), drug prevalence, and the training stays of ELOS
+    (``training_stays``, only when the cohort has ages and lengths of stay)."""
 
     vocab: dict[str, list[str]]
     ddi_adj: np.ndarray
@@ -50,6 +133,8 @@ class CohortKnowledge:
     medication_names: list[str] | None = None
     fields: frozenset[str] = frozenset()
     source: str = "unknown"
+    drug_prevalence: np.ndarray | None = None
+    training_stays: TrainingStays | None = None
 
     def __post_init__(self) -> None:
         # Cohorts imported before the importers named their drugs (a cached benchmark import, a
@@ -105,6 +190,8 @@ class CohortKnowledge:
             "medication_names": self.medication_names,
             "fields": sorted(self.fields),
             "source": self.source,
+            "drug_prevalence": None if self.drug_prevalence is None else torch.from_numpy(self.drug_prevalence),
+            "training_stays": None if self.training_stays is None else self.training_stays.to_state(),
         }
 
     @classmethod
@@ -118,6 +205,12 @@ class CohortKnowledge:
             medication_names=state.get("medication_names"),
             fields=frozenset(state.get("fields", ())),
             source=state.get("source", "checkpoint"),
+            drug_prevalence=(
+                None if state.get("drug_prevalence") is None else torch.as_tensor(state["drug_prevalence"]).numpy()
+            ),
+            training_stays=(
+                None if state.get("training_stays") is None else TrainingStays.from_state(state["training_stays"])
+            ),
         )
 
     def check_compatible(self, other: CohortKnowledge, what: str = "checkpoint") -> None:

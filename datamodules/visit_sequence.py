@@ -16,6 +16,8 @@ lengths            (B,) long       visits per patient
 age, los           (B, T) float    NaN where unknown
 gender             (B,) long       0 unknown, 1 female, 2 male
 patient_index      (B,) long       row in ``patient_ids`` of the split
+patient_ids        list[str] (B)   the patients' cohort ids (records name them)
+visit_ids          list[list[str]] each patient's visit ids, in visit order (B lists of its T_b)
 =================  ==============  ==========================================================
 """
 
@@ -33,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cohort import CODE_COLUMNS, Cohort, CohortError
 from datamodules.errors import OptionError
-from datamodules.knowledge import CohortKnowledge, co_prescription_adjacency
+from datamodules.knowledge import CohortKnowledge, TrainingStays, co_prescription_adjacency, drug_prevalence
 from datamodules.options import ClosedUnitInterval, NonNegativeInt, PositiveInt, plain
 from datamodules.sources import Source, resolve_cohort
 from datamodules.synthetic import SyntheticSpec
@@ -56,7 +58,7 @@ class PatientSequences(Dataset):
             frame = groups[pid]
             if max_visits is not None:
                 frame = frame.iloc[-max_visits:]
-            sample = {"patient_index": i, "visit_ids": frame["visit_id"].tolist()}
+            sample = {"patient_index": i, "patient_id": pid, "visit_ids": frame["visit_id"].tolist()}
             for col in ("diagnoses", "procedures", "medications", "labs"):
                 sample[col] = (
                     [np.asarray(v, dtype=np.int64) for v in frame[col]]
@@ -137,6 +139,9 @@ class VisitCollator:
             batch[col] = torch.from_numpy(values)
         batch["gender"] = torch.tensor([s["gender"] for s in samples])
         batch["patient_index"] = torch.tensor([s["patient_index"] for s in samples])
+        # ids as given (strings): Lightning moves tensors only, so they stay on the host
+        batch["patient_ids"] = [s.get("patient_id", s["patient_index"]) for s in samples]
+        batch["visit_ids"] = [list(s.get("visit_ids", range(len(s["medications"])))) for s in samples]
         return batch
 
 
@@ -288,6 +293,8 @@ class VisitSequenceDataModule(L.LightningDataModule):
             cohort = self.cohort
             train = cohort.visits[cohort.visits["patient_id"].isin(set(self.splits["train"]))]
             n_med = cohort.vocab_size("medication")
+            sequences = self.dataset("train")  # the training visits models see (max_visits applied)
+            has_stays = {"age", "los"} <= set(cohort.fields)
             self._knowledge = CohortKnowledge(
                 vocab={name: list(cohort.vocab[name]) for name in CODE_COLUMNS},
                 ddi_adj=cohort.ddi_adjacency(),
@@ -297,6 +304,8 @@ class VisitSequenceDataModule(L.LightningDataModule):
                 medication_names=cohort.medication_names,
                 fields=frozenset(cohort.fields),
                 source=cohort.source,
+                drug_prevalence=drug_prevalence([m for s in sequences.samples for m in s["medications"]], n_med),
+                training_stays=TrainingStays.from_sequences(sequences) if has_stays else None,
             )
         return self._knowledge
 

@@ -22,6 +22,7 @@ from datamodules.errors import MedRecError
 from datamodules.knowledge import CohortKnowledge
 from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, check_range, plain
 from datamodules.safe_pickle import load_checkpoint
+from datamodules.visit_sequence import VisitCollator
 from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendation_metrics, summarize
 from lightning_modules.precision import float32
 from lightning_modules.process_group import destroy_process_group_at_exit
@@ -58,6 +59,14 @@ def restore_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def visit_ids(batch: dict, b: int, t: int) -> dict:
+    """``patient_id`` and ``visit_id`` of visit ``t`` of batch row ``b``: the ids the collator put in
+    the batch (``patient_ids``, ``visit_ids``), else the patient's index and the visit's position."""
+    if "patient_ids" in batch and "visit_ids" in batch:
+        return {"patient_id": batch["patient_ids"][b], "visit_id": batch["visit_ids"][b][t]}
+    return {"patient_id": int(batch["patient_index"][b]), "visit_id": t}
+
+
 class MedRecModule(L.LightningModule):
     """Base for every recommender: loss hooks, metrics, bootstrap test, predict output.
 
@@ -74,6 +83,9 @@ class MedRecModule(L.LightningModule):
     # Settings that only change how a trained model is evaluated or asked: given on the command
     # line with --ckpt_path they apply; every other setting comes from the checkpoint (train.py).
     EVALUATION_SETTINGS: tuple[str, ...] = ("threshold", "bootstrap_rounds", "bootstrap_fraction", "bootstrap_seed")
+    # Base arguments a subclass fixes and does not take: left out of the saved hyperparameters,
+    # so its checkpoints load (from_checkpoint) into a model built in Python.
+    FIXED_SETTINGS: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -96,7 +108,7 @@ class MedRecModule(L.LightningModule):
             raise ValueError(f"margin_weight must lie in [0, 1], got {margin_weight}")
         check_range("lr", lr, 0, open_low=True)  # the CLI refuses these at parse time; Python callers here
         check_threshold(threshold)
-        self.save_hyperparameters(ignore=["knowledge"])
+        self.save_hyperparameters(ignore=["knowledge", *self.FIXED_SETTINGS])
         self.hparams.update(plain(dict(self.hparams)))  # parsed option types -> builtins (weights_only)
         # not via hparams: those hold the outermost __init__'s arguments, and subclasses that fix
         # the threshold (the package recommenders) do not take one
@@ -212,22 +224,17 @@ class MedRecModule(L.LightningModule):
         threshold = check_threshold(self.threshold, "threshold (--model.init_args.threshold)")
         probs = self.predict_probabilities(batch).float().cpu()
         recorded = batch["medications"].cpu()
-        dataset = self._predict_dataset()
         records = []
         for b, t in batch["visit_mask"].nonzero().tolist():
-            p_index = int(batch["patient_index"][b])
-            ids = (
-                {"patient_id": dataset.patient_ids[p_index], "visit_id": dataset.samples[p_index]["visit_ids"][t]}
-                if dataset is not None
-                else {"patient_id": p_index, "visit_id": t}
-            )
             drugs = recorded[b, t].nonzero().flatten().tolist()
-            records.append({**ids, **visit_record(probs[b, t], threshold, self.knowledge, recorded=drugs)})
+            record = visit_record(probs[b, t], threshold, self.knowledge, recorded=drugs)
+            records.append({**visit_ids(batch, b, t), **record})
         return records
 
-    def _predict_dataset(self):
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return datamodule.dataset("test") if datamodule is not None and hasattr(datamodule, "dataset") else None
+    def collate_histories(self, samples: list[dict]) -> dict:
+        """The batch of patients given as ``PatientSequences`` samples (``Recommender`` builds them
+        from codes): the visit-sequence layout; models that read another layout override it."""
+        return VisitCollator(self.num_medications)(samples)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

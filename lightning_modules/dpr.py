@@ -12,7 +12,8 @@ the visit's true package and sampled negative packages (Eq. 15). Two variants:
 
 The graphs of a whole batch (every visit's true and negative packages in training, every
 visit's candidates in evaluation) are one torch-geometric ``Batch``; no Python loop runs over
-graphs. NCF pre-training (§3) runs at the start of ``fit`` (or is loaded from an NCF checkpoint).
+graphs. NCF pre-training (§3) is the stage before the first epoch of ``fit`` (``DPR.pretrain``, on
+the knowledge's training visits), or is loaded from an NCF checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import Batch
-from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
 from datamodules.knowledge import CohortKnowledge
@@ -32,20 +32,24 @@ from datamodules.options import DropoutRate, PositiveFloat, PositiveInt
 from datamodules.safe_pickle import load_checkpoint
 from lightning_modules.base import KNOWLEDGE_KEY
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
+from lightning_modules.layers.dpr import AttributedGraphConv, PairLinear
 from lightning_modules.ncf import NCFCore, PatientEncoder, pretrain_ncf
 from lightning_modules.package_generation import (
     GenerationRules,
+    heuristic_records,
     mind_interactions,
     personal_rank,
     personalise,
+    set_f1,
     to_index_lists,
     to_multi_hot,
 )
 from lightning_modules.package_rec import PackageRecModule, bpr_package_loss, package_probabilities
-from lightning_modules.recommend import visit_record
 from lightning_modules.sparse_aggregation import SparseGatedGraphConv
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DPR", "DPRAG", "DPRWG", "set_f1"]
 
 INTERACTION_CLASSES = ("none", "synergy", "antagonism")
 
@@ -147,16 +151,19 @@ class DPR(PackageRecModule):
         """(initial node states h⁰, final node states h, auxiliary losses) of every graph."""
         raise NotImplementedError  # pragma: no cover
 
-    # --- pre-training ------------------------------------------------------------------------
+    # --- pre-training stage (§3) -------------------------------------------------------------
     def on_fit_start(self) -> None:
+        """The pre-fit stage: NCF pre-training (or an NCF checkpoint), then u's encoder and the drug
+        embeddings start from it. Runs once per model; a resumed fit finds it done (``pretrained``)."""
         if bool(self.pretrained):  # resumed from a checkpoint of this model
             return
         hp = self.hparams
         if hp.ncf_checkpoint:
             self.load_ncf(hp.ncf_checkpoint)
+            log.info("NCF pre-training stage: loaded %s", hp.ncf_checkpoint)
         elif hp.pretrain_epochs > 0:
             history = self.pretrain()
-            log.info("NCF pre-training: BPR %.4f -> %.4f over %d epochs", history[0], history[-1], len(history))
+            log.info("NCF pre-training stage: BPR %.4f -> %.4f over %d epochs", history[0], history[-1], len(history))
             if self.trainer.world_size > 1:
                 # Every rank pre-trained on the whole training split. DDP synchronises weights
                 # only when it wraps the model, before this, so rank 0's result is sent to all:
@@ -166,12 +173,17 @@ class DPR(PackageRecModule):
         self.initialise_from_ncf()
         self.pretrained.fill_(True)
 
-    def pretrain(self) -> list[float]:
-        """NCF pre-training (§3) of ``self.ncf`` on this process; the mean BPR of each epoch."""
-        hp, fast = self.hparams, bool(self.trainer.fast_dev_run)
+    def pretrain(self, fast: bool | None = None) -> list[float]:
+        """NCF pre-training (§3) of ``self.ncf`` on this process, over the knowledge's training
+        visits (``PackageKnowledge.training_visits``, batched and shuffled as the DataModule
+        does); the mean BPR of each epoch. ``fast``: one batch of one epoch (default: the
+        trainer's ``fast_dev_run``)."""
+        hp = self.hparams
+        if fast is None:
+            fast = self._trainer is not None and bool(self.trainer.fast_dev_run)
         return pretrain_ncf(
             self.ncf,
-            self.trainer.datamodule.pretrain_dataloader(),
+            self.knowledge.training_visits.loader(self.num_medications),
             epochs=1 if fast else hp.pretrain_epochs,
             lr=hp.pretrain_lr,
             weight_decay=hp.pretrain_weight_decay,
@@ -327,36 +339,7 @@ class DPR(PackageRecModule):
         package and where the heuristic choice came from (``source`` S1/S2/S3)."""
         if self.hparams.generation != "heuristic":
             return super().predict_step(batch, batch_idx)
-        out = self.generate(batch)
-        rows = torch.arange(len(out["scores"]), device=out["scores"].device)
-        probs = package_probabilities(out["packages"], out["scores"], out["heuristic_choice"], self.num_medications)
-        truth = to_multi_hot(batch["package"], self.num_medications)
-        per_group = out["packages"].shape[1] // 3
-        candidate = to_multi_hot(out["packages"][rows, out["candidate_choice"]], self.num_medications)
-        heuristic = to_multi_hot(out["packages"][rows, out["heuristic_choice"]], self.num_medications)
-        f1, candidate_f1 = set_f1(heuristic, truth).tolist(), set_f1(candidate, truth).tolist()
-        recorded = [drugs.nonzero().flatten().tolist() for drugs in truth.cpu()]
-        dataset = self._predict_dataset()
-        codes = self.knowledge.vocab["medication"]
-        records = []
-        for n, (b, t) in enumerate(batch["visit_mask"].nonzero().tolist()):
-            p_index = int(batch["patient_index"][b])
-            ids = (
-                {"patient_id": dataset.patient_ids[p_index], "visit_id": dataset.samples[p_index]["visit_ids"][t]}
-                if dataset is not None
-                else {"patient_id": p_index, "visit_id": t}
-            )
-            records.append(
-                {
-                    **ids,
-                    **visit_record(probs[n].float().cpu(), 0.5, self.knowledge, recorded=recorded[n]),
-                    "source": ("S1", "S2", "S3")[int(out["heuristic_choice"][n]) // per_group],
-                    "f1": round(f1[n], 4),
-                    "candidate_drugs": [codes[d] for d in candidate[n].nonzero().flatten().tolist()],
-                    "candidate_f1": round(candidate_f1[n], 4),
-                }
-            )
-        return records
+        return heuristic_records(batch, self.generate(batch), self.knowledge)
 
     # --- interpretability ------------------------------------------------------------------
     @torch.no_grad()
@@ -447,44 +430,6 @@ class DPRWG(DPR):
         return {"weight": weight, "impact": impact, "effective_weight": impact * weight}
 
 
-class PairLinear(nn.Module):
-    """Linear layer on the concatenation [x_a ‖ x_b] of two node states, for every edge.
-
-    W [x_a ‖ x_b] + c = W_a x_a + W_b x_b + c: both products are taken once per node and
-    gathered per edge, which is the same function as ``nn.Linear(2·dim, out)`` on the
-    concatenation at a fraction of the cost (graphs have far more edges than nodes).
-    """
-
-    def __init__(self, dim: int, out: int):
-        super().__init__()
-        self.first = nn.Linear(dim, out)
-        self.second = nn.Linear(dim, out, bias=False)
-
-    def forward(self, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        return self.first(x)[first] + self.second(x)[second]
-
-
-class AttributedGraphConv(MessagePassing):
-    """DPR-AG's layer with ``message_passing: gated``: m_vu = MLP([h_v ‖ ê_vu]), a_u = Σ_v m_vu, h_u ← GRU(a_u, h_u).
-
-    The message MLP's linear part on [h_v ‖ ê_vu] is split into a node part (computed once per
-    node) and an edge part, the same function as one linear layer on the concatenation.
-    """
-
-    def __init__(self, dim: int, edge_dim: int):
-        super().__init__(aggr="add")
-        self.message_node = nn.Linear(dim, dim)
-        self.message_edge = nn.Linear(edge_dim, dim, bias=False)
-        self.update_cell = nn.GRUCell(dim, dim)
-
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
-        messages = self.propagate(edge_index, x=self.message_node(x), edge_attr=self.message_edge(edge_attr))
-        return self.update_cell(messages, x)
-
-    def message(self, x_j: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x_j + edge_attr)
-
-
 class DPRAG(DPR):
     """DPR on the attributed graph (§4.3.2).
 
@@ -566,11 +511,3 @@ class DPRAG(DPR):
     def edge_details(self, u: torch.Tensor, graphs: Batch) -> dict[str, torch.Tensor]:
         e = self.edge_attributes(u, graphs, self.node_inputs(u, graphs))
         return {"class_probabilities": self.types(e).softmax(-1)}
-
-
-def set_f1(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-row F1 of two (N, M) bool sets (0 when either is empty)."""
-    inter = (predicted & truth).sum(-1).float()
-    precision = inter / predicted.sum(-1).clamp(min=1)
-    recall = inter / truth.sum(-1).clamp(min=1)
-    return torch.where(inter > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from datamodules.knowledge import TrainingStays
+
 __all__ = ["ELOSMetric", "Retrieval", "StayIndex"]
 
 _HASH_BITS = 62
@@ -154,17 +156,17 @@ class StayIndex:
 
     # --- construction ------------------------------------------------------------------
     @classmethod
+    def from_stays(cls, stays: TrainingStays, num_procedures: int, num_medications: int, **kwargs) -> StayIndex:
+        """From the knowledge's ``TrainingStays`` (the training split's visits with an age and a stay)."""
+        keys = [tuple(key) for key in stays.keys.tolist()]
+        return cls(
+            stays.procedures, stays.ages, stays.stays, stays.drugs, num_procedures, num_medications, keys=keys, **kwargs
+        )
+
+    @classmethod
     def from_sequences(cls, dataset, num_procedures: int, num_medications: int, **kwargs) -> StayIndex:
         """From a :class:`datamodules.visit_sequence.PatientSequences` (the training split)."""
-        procedures, ages, stays, drugs, keys = [], [], [], [], []
-        for sample in dataset.samples:
-            for t in range(len(sample["medications"])):
-                procedures.append(sample["procedures"][t])
-                ages.append(sample["age"][t])
-                stays.append(sample["los"][t])
-                drugs.append(sample["medications"][t])
-                keys.append((sample["patient_index"], t))
-        return cls(procedures, ages, stays, drugs, num_procedures, num_medications, keys=keys, **kwargs)
+        return cls.from_stays(TrainingStays.from_sequences(dataset), num_procedures, num_medications, **kwargs)
 
     def __len__(self) -> int:
         return len(self.stays)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.cohort import CohortError
+from datamodules.knowledge import TrainingStays
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.elos import ELOSMetric, Retrieval, StayIndex
@@ -127,11 +128,16 @@ class MiranDaPredictor(MedRecModule):
     def has_stay_data(self) -> bool:
         return all(self.knowledge.has_field(name) for name in ELOS_FIELDS)
 
-    def build_stay_index(self, train_dataset) -> StayIndex:
-        """Index the training split for ELOS (:class:`StayIndex`); called from ``setup``."""
+    def build_stay_index(self, train_dataset=None) -> StayIndex:
+        """Index the training stays for ELOS (:class:`StayIndex`): the knowledge's
+        ``training_stays`` (set by the DataModule, stored in checkpoints), or ``train_dataset``
+        (a ``PatientSequences`` of the training split) when given. Called from ``setup``."""
         hp = self.hparams
-        self.stay_index = StayIndex.from_sequences(
-            train_dataset,
+        stays = self.knowledge.training_stays if train_dataset is None else TrainingStays.from_sequences(train_dataset)
+        if stays is None:
+            raise CohortError(f"{type(self).__name__}: the knowledge holds no training stays to index for ELOS")
+        self.stay_index = StayIndex.from_stays(
+            stays,
             num_procedures=self.knowledge.num_procedures,
             num_medications=self.num_medications,
             age_window=hp.age_window,
@@ -142,13 +148,12 @@ class MiranDaPredictor(MedRecModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
         if self.stay_index is not None or not self.has_stay_data:
             return
-        if datamodule is None or not hasattr(datamodule, "dataset"):
-            log.warning("%s: no DataModule with a training split; ELOS is not computed", type(self).__name__)
+        if self.knowledge.training_stays is None:
+            log.warning("%s: the knowledge holds no training stays; ELOS is not computed", type(self).__name__)
             return
-        self.build_stay_index(datamodule.dataset("train"))
+        self.build_stay_index()
 
     def visit_stays(
         self, probs: Tensor, batch: dict[str, Tensor], exclude_self: bool = False
@@ -286,7 +291,10 @@ class MiranDa(MiranDaPredictor):
 
     def on_fit_start(self) -> None:
         if self.stay_index is None:
-            raise CohortError("MiranDa needs the training split to build its ELOS index; train it through train.py")
+            raise CohortError(
+                "MiranDa needs the training stays (ages, lengths of stay) in its knowledge to build its ELOS index; "
+                "train it on a VisitSequenceDataModule of a cohort with both"
+            )
 
     # --- pieces of the objective ---------------------------------------------------------
     def _forward(self, batch: dict[str, Tensor]) -> dict:

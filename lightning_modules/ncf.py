@@ -117,10 +117,11 @@ def pretrain_ncf(
 ) -> list[float]:
     """Fixed-length BPR warm start of ``core`` (DPR §3) before a DPR model trains; mean loss per epoch.
 
-    A plain loop rather than a nested Trainer: it runs inside the outer Trainer's ``on_fit_start``
-    (one command trains DPR end to end), where a second Trainer would fight over the process,
-    the logger and the strategy. To pre-train under Lightning's loop instead, fit
-    ``configs/ncf.yaml`` and pass its checkpoint as DPR's ``ncf_checkpoint``.
+    A plain loop rather than a nested Trainer: DPR runs it as its pre-fit stage (``DPR.pretrain``,
+    from ``on_fit_start``, over the knowledge's training visits; one command trains DPR end to
+    end), where a second Trainer would fight over the process, the logger and the strategy. To
+    pre-train under Lightning's loop instead, fit ``configs/ncf.yaml`` and pass its checkpoint as
+    DPR's ``ncf_checkpoint``.
     """
     flags = [p.requires_grad for p in core.parameters()]
     core.requires_grad_(True)

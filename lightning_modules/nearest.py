@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from datamodules.cohort import CohortError
 from lightning_modules.base import MedRecModule
 from lightning_modules.visit_ops import previous_visit
 
@@ -16,62 +17,26 @@ def _default_anchor(module, state_dict, prefix, *args) -> None:
 class DrugFrequency(MedRecModule):
     """Recommends every drug prescribed in at least ``threshold`` of training visits.
 
-    Probability of drug m = its share of training visits. "Training" is one counting pass, kept
-    per training patient: under DDP the training sampler repeats a few patients to give every
-    rank the same number, and a repeated patient only rewrites its own row. The rows are merged
-    across ranks (max: a patient's row is the same wherever it was counted) before use, so every
-    rank holds the same prevalence, and each training visit counts once.
+    Probability of drug m = its share of training visits: the knowledge's ``drug_prevalence``,
+    which the DataModule counts once over its training split (each training visit once, however
+    DDP splits the patients), so the model is complete when built and a fit only writes the
+    checkpoint.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.knowledge.drug_prevalence is None:
+            raise CohortError(f"{type(self).__name__} needs the knowledge's drug_prevalence (set by the DataModule)")
         self.automatic_optimization = False
-        self.register_buffer("prevalence", torch.zeros(self.num_medications))
-        self._patient_drugs = torch.zeros(0, self.num_medications)  # (training patients, M) this epoch
-        self._patient_visits = torch.zeros(0)
+        self.register_buffer("prevalence", torch.tensor(self.knowledge.drug_prevalence, dtype=torch.float32))  # a copy
         # Lightning wraps the module in DistributedDataParallel to fit under DDP, and DDP refuses
         # a module without a trainable parameter. This scalar is never used or optimised; it only
         # lets the wrapper accept the model. Checkpoints saved before it existed still load.
         self.ddp_anchor = nn.Parameter(torch.zeros(()))
         self.register_load_state_dict_pre_hook(_default_anchor)
 
-    def on_train_epoch_start(self) -> None:
-        self._patient_drugs = torch.zeros(0, self.num_medications, device=self.device)
-        self._patient_visits = torch.zeros(0, device=self.device)
-
-    def _grow(self, rows: int) -> None:
-        extra = rows - len(self._patient_visits)
-        if extra > 0:
-            self._patient_drugs = torch.cat(
-                [self._patient_drugs, self._patient_drugs.new_zeros(extra, self.num_medications)]
-            )
-            self._patient_visits = torch.cat([self._patient_visits, self._patient_visits.new_zeros(extra)])
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        mask = batch["visit_mask"]
-        rows = batch["patient_index"].to(self.device)
-        self._grow(int(rows.max()) + 1)
-        self._patient_drugs[rows] = (batch["medications"] * mask.unsqueeze(-1)).sum(1).float()
-        self._patient_visits[rows] = mask.sum(1).float()
-
-    def _refresh_prevalence(self) -> None:
-        strategy = self.trainer.strategy
-        self._patient_drugs = self._patient_drugs.to(self.device)
-        self._patient_visits = self._patient_visits.to(self.device)
-        rows = strategy.reduce(torch.tensor(len(self._patient_visits), device=self.device), reduce_op="max")
-        self._grow(int(rows))
-        drugs = strategy.reduce(self._patient_drugs.clone(), reduce_op="max")
-        visits = strategy.reduce(self._patient_visits.clone(), reduce_op="max").sum()
-        if visits > 0:
-            self.prevalence.copy_(drugs.sum(0) / visits)
-
-    # Validation runs inside the training epoch, before on_train_epoch_end.
-    def on_validation_epoch_start(self) -> None:
-        if self.trainer.training or self.trainer.state.fn == "fit":
-            self._refresh_prevalence()
-
-    def on_train_epoch_end(self) -> None:
-        self._refresh_prevalence()
+        """Nothing to learn: the prevalence comes with the knowledge."""
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.logit(self.predict_probabilities(batch), eps=1e-6)

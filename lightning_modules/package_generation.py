@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from datamodules.knowledge import CohortKnowledge
+from lightning_modules.base import visit_ids
+from lightning_modules.package_rec import package_probabilities
+from lightning_modules.recommend import visit_record
+
 SYNERGY, ANTAGONISM = 1, 2
 
 
@@ -103,3 +108,42 @@ def to_multi_hot(packages: torch.Tensor, num_medications: int) -> torch.Tensor:
     hot = torch.zeros(*packages.shape[:-1], num_medications + 1, dtype=torch.bool, device=packages.device)
     hot.scatter_(-1, packages % (num_medications + 1), True)
     return hot[..., :num_medications]
+
+
+def set_f1(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-row F1 of two (N, M) bool sets (0 when either is empty)."""
+    inter = (predicted & truth).sum(-1).float()
+    precision = inter / predicted.sum(-1).clamp(min=1)
+    recall = inter / truth.sum(-1).clamp(min=1)
+    return torch.where(inter > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
+
+
+def heuristic_records(batch: dict, generated: dict[str, torch.Tensor], knowledge: CohortKnowledge) -> list[dict]:
+    """Predict records of the heuristic (``DPR.generate``'s output) for every real visit: the
+    heuristic choice as the recommendation, ``source`` (S1/S2/S3 it came from), its ``f1``
+    against the visit's true package, and the non-heuristic choice (``candidate_drugs``,
+    ``candidate_f1``) for comparison."""
+    packages, choice = generated["packages"], generated["heuristic_choice"]
+    num_medications = knowledge.num_medications
+    rows = torch.arange(len(packages), device=packages.device)
+    probs = package_probabilities(packages, generated["scores"], choice, num_medications)
+    truth = to_multi_hot(batch["package"], num_medications)
+    per_group = packages.shape[1] // 3
+    candidate = to_multi_hot(packages[rows, generated["candidate_choice"]], num_medications)
+    heuristic = to_multi_hot(packages[rows, choice], num_medications)
+    f1, candidate_f1 = set_f1(heuristic, truth).tolist(), set_f1(candidate, truth).tolist()
+    recorded = [drugs.nonzero().flatten().tolist() for drugs in truth.cpu()]
+    codes = knowledge.vocab["medication"]
+    records = []
+    for n, (b, t) in enumerate(batch["visit_mask"].nonzero().tolist()):
+        records.append(
+            {
+                **visit_ids(batch, b, t),
+                **visit_record(probs[n].float().cpu(), 0.5, knowledge, recorded=recorded[n]),
+                "source": ("S1", "S2", "S3")[int(choice[n]) // per_group],
+                "f1": round(f1[n], 4),
+                "candidate_drugs": [codes[d] for d in candidate[n].nonzero().flatten().tolist()],
+                "candidate_f1": round(candidate_f1[n], 4),
+            }
+        )
+    return records

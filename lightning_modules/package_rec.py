@@ -6,8 +6,9 @@ one. ``PackageRecModule`` owns that protocol so every package method is evaluate
 way, and the same way as the sequence methods:
 
 * at the start of every validation/test/predict loop the candidate pool (training visits and
-  their packages, from ``PackageGraphDataModule.candidate_pool``) is embedded with the model's
-  retrieval encoder (``retrieval_embedding``: the pre-trained patient embedding);
+  their packages: ``PackageKnowledge.training_visits``, which travels with the model and its
+  checkpoint) is embedded with the model's retrieval encoder (``retrieval_embedding``: the
+  pre-trained patient embedding);
 * subclasses turn each visit into drug probabilities (``visit_probabilities``); a chosen
   package becomes probabilities >= 0.5 for its drugs and < 0.5 for the rest, ranked by the
   candidates' votes (``package_probabilities``), so the shared SafeDrug-reference metrics
@@ -22,11 +23,12 @@ import torch.nn.functional as F
 
 from datamodules.cohort import CohortError
 from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
-from datamodules.package_graph import PackageGraphBuilder, PackageKnowledge, nearest_candidates
+from datamodules.package_graph import HistoryCollator, PackageKnowledge
+from datamodules.package_graph.knowledge import DESCRIPTION_KEYS
 from lightning_modules.base import MedRecModule
+from lightning_modules.layers import PackageGraphBuilder, nearest_candidates
 
 POOL_CHUNK = 4096
-DESCRIPTION_KEYS = ("document", "document_mask", "notes", "notes_mask", "notes_lengths")
 
 
 def package_probabilities(packages: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, num_medications: int):
@@ -64,6 +66,8 @@ class PackageRecModule(MedRecModule):
     """
 
     KNOWLEDGE_CLASS = PackageKnowledge
+    # a chosen package is the recommendation: no threshold or margin loss to set
+    FIXED_SETTINGS = ("threshold", "margin_weight")
 
     def __init__(
         self,
@@ -82,11 +86,7 @@ class PackageRecModule(MedRecModule):
             bootstrap_fraction=bootstrap_fraction,
             bootstrap_seed=bootstrap_seed,
         )
-        # collected from MedRecModule's frame, but no package recommender takes them: a checkpoint
-        # carrying them would not load (from_checkpoint) in a model built in Python
-        for fixed in ("threshold", "margin_weight"):
-            self.hparams.pop(fixed, None)
-        if not isinstance(knowledge, PackageKnowledge):
+        if not isinstance(knowledge, PackageKnowledge) or knowledge.training_visits is None:
             raise CohortError(
                 f"{type(self).__name__} needs the knowledge of datamodules.PackageGraphDataModule "
                 f"(set data.class_path to it), got {type(knowledge).__name__}"
@@ -108,7 +108,10 @@ class PackageRecModule(MedRecModule):
 
     # --- protocol ------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
-        return torch.logit(self.predict_probabilities(batch), eps=1e-6)
+        """Package recommenders have no per-drug logits: they choose a package per visit."""
+        raise NotImplementedError(
+            f"{type(self).__name__} chooses a package per visit and has no drug logits; call predict_probabilities"
+        )
 
     def predict_probabilities(self, batch: dict) -> torch.Tensor:
         mask = batch["visit_mask"]
@@ -116,6 +119,10 @@ class PackageRecModule(MedRecModule):
         probs = per_visit.new_zeros(*mask.shape, self.num_medications)
         probs[mask] = per_visit
         return probs
+
+    def collate_histories(self, samples: list[dict]) -> dict:
+        """Patients given by codes -> the evaluation layout, descriptions built from the codes."""
+        return HistoryCollator(self.knowledge)(samples)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.training_loss(batch)
@@ -133,14 +140,9 @@ class PackageRecModule(MedRecModule):
         self.refresh_pool()
 
     def refresh_pool(self, pool: dict | None = None) -> None:
-        """Embed the training visits with the current retrieval encoder."""
+        """Embed the training visits (the knowledge's pool, or ``pool``) with the current retrieval encoder."""
         if pool is None:
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            if datamodule is None or not hasattr(datamodule, "candidate_pool"):
-                raise CohortError(
-                    f"{type(self).__name__} evaluates with the candidate pool of a PackageGraphDataModule"
-                )
-            pool = datamodule.candidate_pool()
+            pool = self.knowledge.training_visits.pool()
         was_training = self.training
         self.eval()
         embeddings = []

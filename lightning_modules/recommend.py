@@ -25,11 +25,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge
 from datamodules.safe_pickle import load_checkpoint
-from datamodules.visit_sequence import GENDER_CODES, VisitCollator
+from datamodules.visit_sequence import GENDER_CODES
 
 MODEL_CLASS_KEY = "medrec_model_class"
 
@@ -212,7 +213,7 @@ class Recommender:
         on_unknown: Literal["error", "ignore"] = "error",
     ) -> list[dict]:
         """``recommend`` for many patients in one forward pass: the histories are padded into one
-        batch by the DataModule's collate (``VisitCollator``); one record per history, in order."""
+        batch in the model's layout (``MedRecModule.collate_histories``); one record per history, in order."""
         threshold = check_threshold(self.model.threshold if threshold is None else threshold)
         top_k = check_top_k(top_k)
         if on_unknown not in ("error", "ignore"):
@@ -224,8 +225,8 @@ class Recommender:
             self._sample(visits, i, "" if single else f" of history {i}", on_unknown)
             for i, visits in enumerate(histories)
         ]
-        batch = VisitCollator(self.knowledge.num_medications)([sample for sample, _ in prepared])
-        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        batch = self.model.collate_histories([sample for sample, _ in prepared])
+        batch = move_data_to_device(batch, self.model.device)
         probs = self.model.predict_probabilities(batch).float().cpu()
         last = batch["lengths"].cpu() - 1
         return [

@@ -79,7 +79,7 @@ STAGE_EXTRA = {"dpr_wg.yaml": [[], ["--model.init_args.generation=heuristic"]]}
 
 def visit_count(cli) -> int:
     """Visits of the test split, the rows a prediction file must hold."""
-    return sum(len(sample["visit_ids"]) for sample in cli.datamodule.dataset("test").samples)
+    return sum(len(ids) for batch in cli.datamodule.predict_dataloader() for ids in batch["visit_ids"])
 
 
 @pytest.mark.parametrize("config", CONFIGS)

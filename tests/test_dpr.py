@@ -10,14 +10,16 @@ import torch
 from conftest import quiet_trainer
 
 from datamodules.package_graph import PackageGraphDataModule, pad_packages
-from lightning_modules.dpr import DPRAG, DPRWG, AttributedGraphConv, set_f1
+from lightning_modules.dpr import DPRAG, DPRWG
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
+from lightning_modules.layers import AttributedGraphConv
 from lightning_modules.ncf import NCF, bpr_drug_loss, pretrain_ncf
 from lightning_modules.package_generation import (
     GenerationRules,
     mind_interactions,
     personal_rank,
     personalise,
+    set_f1,
     to_index_lists,
     to_multi_hot,
 )
@@ -93,7 +95,7 @@ def test_batched_scores_equal_scores_of_each_graph_alone(cls, options, message_p
     graphs = train_batch["graphs"]
     u = model.encoder(train_batch)
     together = model.package_scores(u, graphs)[0]
-    builder = data.builder
+    builder = model.graph_builder
     alone = []
     for i, graph in enumerate(graphs.to_data_list()[:12]):
         single = builder.build(graph.x.unsqueeze(0))
@@ -237,9 +239,14 @@ def test_similar_negatives_come_from_other_patients_and_other_packages(data, tra
 
 def test_pretraining_lowers_ncf_bpr_and_initialises_dpr(data):
     torch.manual_seed(0)
-    model = DPRWG(knowledge=data.knowledge, **SMALL)
-    history = pretrain_ncf(model.ncf, data.pretrain_dataloader(), epochs=4, lr=1e-2)
-    assert history[-1] < history[0]
+    model = DPRWG(knowledge=data.knowledge, **{**SMALL, "pretrain_epochs": 4, "pretrain_lr": 1e-2})
+    history = model.pretrain()  # a stage of its own: the knowledge's training visits, no trainer or DataModule
+    assert len(history) == 4 and history[-1] < history[0]
+    torch.manual_seed(0)
+    again = DPRWG(knowledge=data.knowledge, **SMALL)
+    assert pretrain_ncf(again.ncf, data.knowledge.training_visits.loader(data.knowledge.num_medications), 4, 1e-2) == (
+        history
+    )
     assert not any(p.requires_grad for p in model.ncf.parameters())  # frozen again afterwards
     model.initialise_from_ncf()
     assert torch.equal(model.drugs.weight, model.ncf.drugs.weight)

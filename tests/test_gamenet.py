@@ -48,7 +48,7 @@ def test_prediction_at_t_ignores_the_future(data):
     batch = first_batch(data)
     b = int(torch.argmax(batch["lengths"]))  # a patient with 3 visits
     before = model(batch)
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
     changed["medications"][b, 1] = 1 - changed["medications"][b, 1]  # visit 1's target
     changed["diagnoses"][b, 2] = (changed["diagnoses"][b, 2] + 1) % data.knowledge.num_diagnoses
     after = model(changed)

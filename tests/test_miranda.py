@@ -190,7 +190,7 @@ def test_prediction_at_t_ignores_later_visits(data):
     batch = next(iter(data._loader("train", shuffle=False)))
     b = int(torch.argmax(batch["lengths"]))
     before = model(batch)
-    changed = {key: value.clone() for key, value in batch.items()}
+    changed = {key: value.clone() if torch.is_tensor(value) else value for key, value in batch.items()}
     changed["medications"][b, 1] = 1 - changed["medications"][b, 1]
     changed["diagnoses"][b, 2] = (changed["diagnoses"][b, 2] + 1) % data.knowledge.num_diagnoses
     after = model(changed)
@@ -360,3 +360,21 @@ def test_demo_elos_sanity_matches_brute_force(tmp_path, monkeypatch):
     assert payload["elos"]["leave-one-visit-out"]["covered"] == 3
     assert payload["elos"]["leave-one-patient-out"]["covered"] == 0
     assert payload["elos"]["leave-one-patient-out, procedures ignored"]["covered"] == 37
+
+
+def test_the_stay_index_comes_from_the_knowledge_and_travels_in_checkpoints(data):
+    stays = data.knowledge.training_stays
+    assert stays is not None and len(stays) == sum(len(s["medications"]) for s in data.dataset("train").samples)
+    model = MiranDa(knowledge=data.knowledge, embedding_dim=16, heads=2)
+    model.build_stay_index()  # what setup does: no DataModule, the knowledge holds the training stays
+    k = data.knowledge
+    reference = StayIndex.from_sequences(data.dataset("train"), k.num_procedures, k.num_medications)
+    assert len(model.stay_index) == len(reference) > 0
+    for name in ("stays", "ages", "drugs", "source_rows", "group"):
+        assert torch.equal(getattr(model.stay_index, name), getattr(reference, name)), name
+    keys = torch.tensor([[0, 0], [1, 1], [10**6, 0]])
+    assert torch.equal(model.stay_index.rows_of(keys), reference.rows_of(keys))
+    loaded = type(k).from_state(k.to_state()).training_stays  # what a checkpoint stores
+    assert np.array_equal(loaded.keys, stays.keys) and np.array_equal(loaded.stays, stays.stays, equal_nan=True)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.procedures, stays.procedures, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.drugs, stays.drugs, strict=True))

@@ -34,7 +34,7 @@ def test_prediction_at_t_ignores_the_future(data, model_class):
     batch = first_batch(data)
     b = int(torch.argmax(batch["lengths"]))  # a patient with 3 visits
     before = model(batch)
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
     changed["medications"][b, 1] = 1 - changed["medications"][b, 1]  # visit 1's target
     changed["diagnoses"][b, 2] = (changed["diagnoses"][b, 2] + 1) % data.knowledge.num_diagnoses
     after = model(changed)
@@ -50,7 +50,7 @@ def test_retain_batched_equals_one_patient_at_a_time(data):
     together = model(batch)
     for b in range(len(batch["lengths"])):
         n = int(batch["lengths"][b])
-        single = {k: v[b : b + 1, :n] if v.dim() > 1 else v[b : b + 1] for k, v in batch.items()}
+        single = {k: v[b : b + 1, :n] if torch.is_tensor(v) and v.dim() > 1 else v[b : b + 1] for k, v in batch.items()}
         torch.testing.assert_close(model(single)[0], together[b, :n], atol=1e-5, rtol=1e-5)
 
 

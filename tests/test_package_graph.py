@@ -11,14 +11,14 @@ from torch_geometric.data import Batch
 from datamodules.cohort import Cohort, CohortError
 from datamodules.drug_relations import merge_relations, read_relation_csv
 from datamodules.package_graph import (
-    PackageGraphBuilder,
     PackageGraphDataModule,
     PackageKnowledge,
     cooccurrence_proportions,
-    nearest_candidates,
+    graph_matrices,
     package_graph,
     pad_packages,
 )
+from lightning_modules.layers import PackageGraphBuilder, nearest_candidates
 
 SYN, ANT, UNK = 1, 2, -1
 
@@ -60,7 +60,7 @@ def test_cooccurrence_proportions_on_a_hand_table():
 
 def test_package_graph_has_exactly_the_labelled_and_frequent_edges():
     relation, p = hand_made_graph_inputs()
-    builder = PackageGraphBuilder(relation, p, threshold=0.01)
+    builder = PackageGraphBuilder(graph_matrices(relation, p, threshold=0.01))
     graphs = builder.build(pad_packages([np.array([0, 1, 2, 3, 4]), np.array([1, 0]), np.array([4])]))
     full, pair, single = graphs.to_data_list()
     assert edges_of(full) == {
@@ -82,7 +82,7 @@ def test_dpr_wg_edge_weights_follow_the_relation_signs():
     from lightning_modules.dpr import DPRWG
 
     relation, p = hand_made_graph_inputs()
-    graphs = PackageGraphBuilder(relation, p).build(pad_packages([np.arange(5)]))
+    graphs = PackageGraphBuilder(graph_matrices(relation, p)).build(pad_packages([np.arange(5)]))
     weights = dict(zip(edges_of(graphs.to_data_list()[0]), DPRWG.edge_weight(_Modes("typed"), graphs).tolist()))
     assert weights == pytest.approx({(0, 1): 1.0, (2, 3): -1.0, (3, 2): -1.0, (1, 3): 0.0, (0, 2): 0.5, (3, 0): 0.02})
     no_types = DPRWG.edge_weight(_Modes("cooccurrence"), graphs)
@@ -100,7 +100,7 @@ def test_vectorised_batch_equals_from_data_list_of_single_graphs():
     relation = rng.choice([0, 0, 0, SYN, ANT, UNK], size=(30, 30))
     p = rng.random((30, 30)).astype(np.float32) * (rng.random((30, 30)) < 0.2)
     packages = [rng.choice(30, size=rng.integers(1, 12), replace=False) for _ in range(40)]
-    built = PackageGraphBuilder(relation, p, 0.05).build(pad_packages(packages))
+    built = PackageGraphBuilder(graph_matrices(relation, p, 0.05)).build(pad_packages(packages))
     expected = Batch.from_data_list([package_graph(pk, relation, p, 0.05) for pk in packages])
     for key in ("x", "edge_index", "relation", "cooccurrence", "batch", "ptr"):
         assert torch.equal(getattr(built, key), getattr(expected, key)), key
@@ -215,3 +215,38 @@ def test_notes_field_switches_the_text_branch_on(tmp_path):
     batch = next(iter(data.val_dataloader()))
     assert batch["notes_lengths"].gt(0).all()
     pd.testing.assert_series_equal(cohort.visits["patient_id"], Cohort.load(folder).visits["patient_id"])
+
+
+def test_training_visits_travel_in_the_knowledge_and_iterate_as_the_datamodule(package_data):
+    k = package_data.knowledge
+    visits = k.training_visits
+    rows = package_data.train_rows()
+    assert len(visits) == len(rows) and visits.similar_patients == package_data.similar_patients
+    pool = package_data.candidate_pool()
+    table = package_data.table.describe(rows)
+    for key in ("document", "document_mask", "notes_lengths", "patient_key", "package_id"):
+        assert torch.equal(pool[key], table[key]), key
+    assert [tuple(p[p >= 0].tolist()) for p in pool["packages"]] == [tuple(p.tolist()) for p in visits.packages]
+    back = PackageKnowledge.from_state(k.to_state()).training_visits  # what a checkpoint stores
+    for key, value in back.pool().items():
+        assert torch.equal(value, pool[key]) if torch.is_tensor(value) else value == pool[key], key
+    # NCF pre-training batches: the DataModule's training visits, its order and its batch size
+    batch = next(iter(visits.loader(k.num_medications)))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(package_data.seed * 100_003))
+    first = rows[order[: package_data.batch_size].numpy()]
+    expected = package_data.pair_collator(0)(first.tolist())
+    for key in ("document", "document_mask", "notes", "package_hot", "patient_key"):
+        assert torch.equal(batch[key], expected[key]), key
+
+
+def test_no_model_reads_the_datamodule():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "lightning_modules"
+    offending = [
+        f"{path.name}:{n}"
+        for path in root.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "trainer.datamodule" in line or '"datamodule"' in line
+    ]
+    assert not offending, offending

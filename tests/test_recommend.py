@@ -394,3 +394,35 @@ def test_readme_predict_command_after_a_tiny_fit(tmp_path):
         assert len(r["drug_names"]) == len(r["drugs"]) and all(r["drug_names"])
         assert r["recorded_drugs"] and len(r["recorded_drug_names"]) == len(r["recorded_drugs"])
         assert 0.0 <= r["jaccard"] <= 1.0
+
+
+def test_package_recommenders_recommend_from_their_checkpoint_alone(tiny_cohort, tiny_cohort_dir, tmp_path):
+    """The candidate pool travels in the checkpoint's knowledge: no DataModule is needed to recommend."""
+    from lightning_modules.ncf import NCF
+
+    data = PackageGraphDataModule(root=str(tiny_cohort_dir), batch_size=16)
+    vocab = data.knowledge.vocab
+    history = [
+        {
+            "diagnoses": vocab["diagnosis"][:2],
+            "procedures": vocab["procedure"][:1],
+            "medications": vocab["medication"][:2],
+        },
+        {"diagnoses": vocab["diagnosis"][2:4], "procedures": [], "medications": vocab["medication"][1:3]},
+    ]
+    training = {tuple(sorted(vocab["medication"][d] for d in p)) for p in data.knowledge.training_visits.packages}
+    for model in (
+        DPRWG(knowledge=data.knowledge, embedding_dim=8, hidden_dim=8, pretrain_epochs=1),
+        NCF(knowledge=data.knowledge, recommend="nearest", embedding_dim=8, hidden_dim=8),
+    ):
+        L.seed_everything(0)
+        trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=data)
+        path = tmp_path / f"{type(model).__name__}.ckpt"
+        trainer.save_checkpoint(path)
+        rec = Recommender.from_checkpoint(str(path))
+        assert rec.model._pool is None  # nothing carried over from the fit
+        record = rec.recommend(history)
+        assert tuple(sorted(record["drugs"])) in training  # the chosen package is a training package
+        assert record["recorded_drugs"] == sorted(vocab["medication"][1:3])
+        assert rec.recommend_batch([history, history[:1]])[0]["drugs"] == record["drugs"]

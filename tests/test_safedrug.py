@@ -33,7 +33,7 @@ def test_every_visit_is_predicted_causally(data):
     b = int(torch.argmax(batch["lengths"]))
     last = int(batch["lengths"][b]) - 1
     assert last >= 1
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
     changed["diagnoses"][b, last] = (changed["diagnoses"][b, last] + 1) % data.knowledge.num_diagnoses
     changed["medications"][b, : last + 1] = 1 - changed["medications"][b, : last + 1]  # targets are not inputs
     after = model(changed)
@@ -48,7 +48,7 @@ def test_batched_equals_one_patient_at_a_time(data):
     together = model(batch)
     for b in range(4):
         n = int(batch["lengths"][b])
-        single = {k: v[b : b + 1, :n] if v.dim() > 1 else v[b : b + 1] for k, v in batch.items()}
+        single = {k: v[b : b + 1, :n] if torch.is_tensor(v) and v.dim() > 1 else v[b : b + 1] for k, v in batch.items()}
         torch.testing.assert_close(model(single)[0], together[b, :n], atol=1e-5, rtol=1e-5)
 
 
