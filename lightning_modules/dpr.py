@@ -438,16 +438,12 @@ class DPRAG(DPR):
     DPR-WG's mask layer instead, on the drug embeddings, d̂_v = σ(MLP(u)) ⊙ d_v: the node states
     start from d̂ and the attributes are built from it, ê_vu = MLP([d̂_v ‖ d̂_u]) (the abstract names
     one mask layer for the framework, the variants differing in how they describe the interactions).
-    Measured (``benchmarks/reports/dpr_synthetic.md``, ``dpr_mimic3.md``, stop 20): ``drug`` is
-    +0.015 F1 on the many-rare-pairs synthetic cohort (six seeds, paired p 0.0018) and −0.005 on
-    MIMIC-III (two seeds, p 0.003); the paper's text within reach does not settle which it means.
+    How the two compare on the synthetic cohort and MIMIC-III: docs/dpr.md.
     ``num_layers`` layers of Eq. 18–20 as message / aggregate / update: m_vu = MLP([h_v ‖ ê_vu]),
     a_u = Σ_v m_vu, h_u ← GRU(a_u, h_u) (``AttributedGraphConv``, ``message_passing: gated``); or,
     in DPR-WG's per-edge form, M_u = Σ_v GRU(MLP([h_v ‖ ê_vu]), h_u), h_u ← MLP(W₀ h_u + M_u)
     (``AttributedEdgeGRUConv``, ``edge_gru``). The paper's Eq. 18–20 are not transcribed anywhere
-    within reach, so the default is the form that measured better: on MIMIC-III the per-edge form
-    loses 0.011 F1 (two seeds, paired p 1.6e-8) and takes 3 × the time a step; on the synthetic
-    cohort the two are level (``benchmarks/reports/dpr_mimic3.md``, stop 19).
+    within reach, so the default is the form that measured better on MIMIC-III (docs/dpr.md).
     loss = BPR + type_weight · cross-entropy of softmax(ê_vuᵀ Q) against R_vu on the edges whose
     relation is known (none / synergy / antagonism; unknown-kind edges carry no label) (Eq. 21).
 
