@@ -72,6 +72,20 @@ def test_out_of_range_option_is_one_line_naming_it(cohort, capsys, option, messa
     assert line.startswith(f"medrec: error: {message}"), line
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        # inherited from VisitSequenceDataModule: the same range types, not plain ints
+        ("--data.init_args.batch_size=0", "option --data.init_args.batch_size: Not of type PositiveInt: 0"),
+        ("--data.init_args.similar_patients=0", "option --data.init_args.similar_patients: Not of type PositiveInt"),
+        ("--data.init_args.negative_packages=-1", "option --data.init_args.negative_packages: Not of type"),
+    ],
+)
+def test_package_data_options_are_range_checked(capsys, option, message):
+    line = fails(capsys, "fit", f"--config={ROOT / 'configs' / 'dpr_wg.yaml'}", "--trainer.fast_dev_run=true", option)
+    assert line.startswith(f"medrec: error: {message}"), line
+
+
 def test_split_ratios_not_summing_to_one(cohort, capsys):
     line = fails(capsys, *fit_args(cohort, "--data.init_args.split=random", "--data.init_args.split_ratios=[.9,.9,.1]"))
     assert line == (

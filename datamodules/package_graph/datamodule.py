@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -12,10 +10,10 @@ from torch.utils.data import DataLoader
 from datamodules.cohort import CODE_COLUMNS
 from datamodules.drug_relations import merge_relations, read_relation_csv
 from datamodules.knowledge import co_prescription_adjacency, drug_prevalence
+from datamodules.options import NonNegativeInt, PositiveInt
 from datamodules.package_graph.collate import PairCollator, PatientCollator
 from datamodules.package_graph.descriptions import VisitTable, document_vocabulary, note_vocabulary, visit_documents
 from datamodules.package_graph.knowledge import PackageKnowledge, Rows, TrainingVisits, cooccurrence_proportions
-from datamodules.sources import Source
 from datamodules.visit_sequence import EpochShuffleSampler, VisitSequenceDataModule
 
 
@@ -40,47 +38,15 @@ class PackageGraphDataModule(VisitSequenceDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
-        source: Source = "auto",
-        split: Literal["safedrug", "random"] = "safedrug",
-        split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-        seed: int = 0,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        min_visits: int = 1,
-        max_visits: int | None = None,
-        synthetic_patients: int = 2000,
-        synthetic_seed: int = 0,
-        synthetic_options: dict[str, int | float] | None = None,
-        cache_dir: str | None = None,
-        mappings: str | None = None,
-        negative_packages: int = 10,
-        similar_patients: int = 10,
+        negative_packages: NonNegativeInt = 10,
+        similar_patients: PositiveInt = 10,
         cooccurrence_threshold: float = 0.01,
         relations_csv: str | None = None,
         ddi_as_antagonism: bool = True,
-        note_vocab_size: int = 10000,
+        note_vocab_size: PositiveInt = 10000,
+        **kwargs,
     ):
-        super().__init__(
-            root=root,
-            source=source,
-            split=split,
-            split_ratios=split_ratios,
-            seed=seed,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            min_visits=min_visits,
-            max_visits=max_visits,
-            synthetic_patients=synthetic_patients,
-            synthetic_seed=synthetic_seed,
-            synthetic_options=synthetic_options,
-            cache_dir=cache_dir,
-            mappings=mappings,
-        )
+        super().__init__(**kwargs)  # root, split, batch_size, ...: VisitSequenceDataModule's options
         if negative_packages < 0 or similar_patients < 1:
             raise ValueError(
                 f"need negative_packages >= 0 and similar_patients >= 1, got {negative_packages}, {similar_patients}"

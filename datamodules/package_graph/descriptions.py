@@ -80,16 +80,24 @@ class VisitTable:
 
     def describe(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Per-visit keys shared by training and evaluation batches."""
-        document, document_mask = pad_tokens([self.document[r] for r in rows])
-        notes, notes_mask = pad_tokens([self.notes[r] for r in rows])
         return {
-            "document": document,
-            "document_mask": document_mask,
-            "notes": notes,
-            "notes_mask": notes_mask,
-            "notes_lengths": notes_mask.sum(1),
-            "patient_key": torch.as_tensor(self.patient_key[rows], dtype=torch.long),
+            **describe_rows(self, rows),
             "package": pad_packages([self.package[r] for r in rows]),
-            "package_id": torch.as_tensor(self.package_id[rows], dtype=torch.long),
             "visit_row": torch.as_tensor(rows, dtype=torch.long),
         }
+
+
+def describe_rows(visits, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """The padded description (document and note tokens), ``patient_key`` and ``package_id`` of
+    ``rows`` of a table of visits (``VisitTable`` or the knowledge's ``TrainingVisits``)."""
+    document, document_mask = pad_tokens([visits.document[r] for r in rows])
+    notes, notes_mask = pad_tokens([visits.notes[r] for r in rows])
+    return {
+        "document": document,
+        "document_mask": document_mask,
+        "notes": notes,
+        "notes_mask": notes_mask,
+        "notes_lengths": notes_mask.sum(1),
+        "patient_key": torch.as_tensor(visits.patient_key[rows], dtype=torch.long),
+        "package_id": torch.as_tensor(visits.package_id[rows], dtype=torch.long),
+    }

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge, from_ragged_state, ragged_state
+from datamodules.package_graph.descriptions import describe_rows
 from datamodules.package_graph.graphs import GraphMatrices, graph_matrices
-from datamodules.package_graph.padding import pad_packages, pad_tokens
+from datamodules.package_graph.padding import pad_packages
 from datamodules.visit_sequence import EpochShuffleSampler
 
 DESCRIPTION_KEYS = ("document", "document_mask", "notes", "notes_mask", "notes_lengths")
@@ -60,17 +61,7 @@ class TrainingVisits:
     def describe(self, rows: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Description keys (``DESCRIPTION_KEYS``), ``patient_key`` and ``package_id`` of ``rows`` (all by default)."""
         rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
-        document, document_mask = pad_tokens([self.document[r] for r in rows])
-        notes, notes_mask = pad_tokens([self.notes[r] for r in rows])
-        return {
-            "document": document,
-            "document_mask": document_mask,
-            "notes": notes,
-            "notes_mask": notes_mask,
-            "notes_lengths": notes_mask.sum(1),
-            "patient_key": torch.as_tensor(self.patient_key[rows], dtype=torch.long),
-            "package_id": torch.as_tensor(self.package_id[rows], dtype=torch.long),
-        }
+        return describe_rows(self, rows)
 
     def package_hot(self, rows: np.ndarray, num_medications: int) -> torch.Tensor:
         """(N, M) multi-hot packages of ``rows``."""
