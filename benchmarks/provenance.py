@@ -56,6 +56,11 @@ def run_config_hash(
     )
 
 
+def options_config(options: object, leave_out: tuple[str, ...] = ("out",)) -> dict:
+    """A script's parsed options (an ``argparse.Namespace``) as a config to hash, without its output folder."""
+    return {k: v for k, v in sorted(vars(options).items()) if k not in leave_out}
+
+
 def _git(*args: str) -> str | None:
     try:
         done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True)
