@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import run as bench  # noqa: E402
+from benchmarks import run as bench  # noqa: E402
 
 
 def test_run_writes_results_json_and_table_row(tiny_cohort, tiny_cohort_dir, tmp_path, monkeypatch):
