@@ -14,7 +14,6 @@ synthetic default cohort is used. :mod:`benchmarks.grid` runs it over configs ×
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
-from benchmarks.provenance import Provenance, run_config_hash, write_markdown  # noqa: E402
+from benchmarks.provenance import Provenance, run_config_hash, write_json, write_markdown  # noqa: E402
 from callbacks.epoch_timer import EpochTimer  # noqa: E402
 from datamodules.errors import run_reporting_errors  # noqa: E402
 from train import make_cli  # noqa: E402
@@ -110,8 +109,7 @@ def run(argv: list[str] | None = None) -> dict:
             results.update(callback.benchmark_figures(trainer, model))
     digest = run_config_hash(opts.config, opts.data, opts.epochs, opts.seed, overrides)  # what grid.py compares
     provenance = Provenance.capture("benchmarks/run.py", argv, digest=digest)
-    results["provenance"] = provenance.fields()
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = write_json(out / "results.json", results, provenance)
     write_markdown(out / "results.md", TABLE_HEADER + table_row(results) + "\n", provenance)
     print(TABLE_HEADER + table_row(results))
     return results
