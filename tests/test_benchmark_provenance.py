@@ -23,7 +23,6 @@ PENDING = {"safedrug_gamma.py"}
 # on real data (minutes to hours of CPU); each leaves this list when its command regenerates it.
 WITHOUT_HEADER = {
     "cpu_threads.md",  # command and commit, no config hash
-    "ddp_fit_check.md",
     "dpr_interpretability.md",
     "dpr_mimic3.md",
     "dpr_synthetic.md",
