@@ -16,15 +16,14 @@ batches only) from the run's CSV log. A cell is the median over ``--repeats``; s
 interleaved so a drift in the machine's load hits all of them alike. ``default / best`` divides the
 default's seconds by the fastest setting's in the same row.
 
-Writes ``<out>/cpu_threads.md`` (the command and commit that produced it, the machine, the table)
-and ``<out>/cpu_threads.json`` (the same plus every single measurement).
+Writes ``<out>/cpu_threads.md`` (the provenance header: command, commit, config hash; the machine,
+the table) and ``<out>/cpu_threads.json`` (the same plus every single measurement).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shlex
@@ -36,6 +35,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
+
+from benchmarks.provenance import Provenance, options_config, write_json, write_markdown  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mimic3-safedrug"
 SETTINGS = {"default": [], "1": ["--threads", "1"], "all": ["--threads", "all"]}
 CONDITIONS = ("quiet", "busy")
@@ -154,15 +157,6 @@ def measure(
     return rows
 
 
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return commit + (" (with uncommitted changes)" if dirty else "")
-
-
 def torch_default_threads() -> int:
     """torch's intra-op thread count in a fresh process with the benchmark's environment."""
     code = "import torch; print(torch.get_num_threads())"
@@ -202,9 +196,6 @@ def load_average() -> list[float]:
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"Command: `{report['command']}`  ",
-        f"Commit: `{report['commit']}`",
-        "",
         "# CPU threads: training-epoch seconds by thread setting, quiet and busy machine",
         "",
         f"Date: {report['date']}; wall time {report['wall_minutes']:.1f} min",
@@ -276,9 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--data: {data} does not exist")
 
     started = time.time()
+    provenance = Provenance.capture("benchmarks/cpu_threads.py", argv, config=options_config(args))
     report = {
-        "command": shlex.join(["python", "benchmarks/cpu_threads.py", *argv]),
-        "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "machine": machine(),
         "load_before": load_average(),
@@ -296,10 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     report["worst"] = max(report["rows"], key=lambda r: r["default_over_best"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_threads.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (out / "cpu_threads.md").write_text(text)
-    print(text)
+    report = write_json(out / "cpu_threads.json", report, provenance)
+    print(write_markdown(out / "cpu_threads.md", markdown(report), provenance))
     return report
 
 

@@ -24,8 +24,8 @@ would count a patient twice):
    ``test_*`` figure must agree within 1e-6 (and both ranks of the 2-process run must report
    the same figures).
 
-Writes ``<out>/ddp_fit_check.md`` (and ``.json``) with one row per method and prints the table;
-exits 1 if any check fails. Run logs are in ``<out>/<method>/*.log``.
+Writes ``<out>/ddp_fit_check.md`` (and ``.json``; both with the provenance header) with one row per
+method and prints the table; exits 1 if any check fails. Run logs are in ``<out>/<method>/*.log``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
 
+from benchmarks.provenance import Provenance, file_digest, options_config, write_json, write_markdown  # noqa: E402
 from lightning_modules.registry import method_configs  # noqa: E402
 
 METHODS = tuple(method_configs())  # every main method config; variants share their parent's code paths
@@ -289,6 +290,7 @@ def table(rows: list[dict], opts: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -309,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         row = check_method(method, opts, out)
         rows.append(row)
         print(f"{method}: {'pass' if passed(row) else 'FAIL'} ({row['seconds']} s fit)", flush=True)
-    report = table(rows, opts)
-    (out / "ddp_fit_check.md").write_text(report)
-    (out / "ddp_fit_check.json").write_text(json.dumps(rows, indent=1, default=str))
-    print(report)
+    configs = {m: file_digest(ROOT / "configs" / f"{m}.yaml") for m in opts.methods}
+    provenance = Provenance.capture("benchmarks/ddp_fit_check.py", argv, config={**options_config(opts), **configs})
+    write_json(out / "ddp_fit_check.json", rows, provenance)
+    print(write_markdown(out / "ddp_fit_check.md", table(rows, opts), provenance))
     return 0 if all(passed(r) for r in rows) else 1
 
 

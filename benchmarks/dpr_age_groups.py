@@ -28,8 +28,9 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
+from benchmarks.provenance import Provenance, options_config, write_json, write_markdown  # noqa: E402
 from datamodules.cohort import Cohort  # noqa: E402
 from datamodules.sources import resolve_cohort  # noqa: E402
 from datamodules.visit_sequence import synthetic_spec  # noqa: E402
@@ -145,6 +146,7 @@ def named_path(text: str) -> tuple[str, list[Path]]:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", nargs="+", type=named_path, required=True, metavar="NAME=PATH[,PATH...]")
     parser.add_argument("--age", type=float, default=60.0)
@@ -163,8 +165,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "age_groups.md").write_text(text)
-        (out / "age_groups.json").write_text(summary.to_json(orient="records", indent=2))
+        provenance = Provenance.capture("benchmarks/dpr_age_groups.py", argv, config=options_config(args))
+        write_markdown(out / "age_groups.md", text, provenance)
+        write_json(out / "age_groups.json", json.loads(summary.to_json(orient="records")), provenance)
     return summary
 
 

@@ -14,17 +14,17 @@ any chooser could do), to ``<dir>/heuristic.md`` and ``heuristic.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
 from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 
+from benchmarks.provenance import Provenance, file_digest, options_config, write_json, write_markdown  # noqa: E402
 from datamodules.package_graph import PackageGraphDataModule  # noqa: E402
 from lightning_modules.dpr import DPR, set_f1  # noqa: E402
 from lightning_modules.package_generation import GenerationRules, to_multi_hot  # noqa: E402
@@ -75,6 +75,7 @@ def evaluate(model: DPR, data: PackageGraphDataModule) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", required=True)
@@ -89,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     result["rules"] = model.rules.__dict__
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "heuristic.json").write_text(json.dumps(result, indent=1))
+    provenance = Provenance.capture(
+        "benchmarks/dpr_heuristic.py", argv, config={**options_config(opts), "ckpt": file_digest(opts.ckpt)}
+    )
+    write_json(out / "heuristic.json", result, provenance)
     source = Path(data.root).name if data.root else "synthetic"
     table = (
         f"Package-generation heuristic (DPR §6) on {source}: {result['test_patients']} test patients, "
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Heuristic choices that are generated (S2/S3) packages: {result['generated']:.1%} (per-patient mean). "
         f"Rules: {result['rules']}. {result['seconds']:.1f} s.\n"
     )
-    (out / "heuristic.md").write_text(table)
+    write_markdown(out / "heuristic.md", table, provenance)
     print(table)
     return result
 

@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
-from dpr_heuristic import load  # noqa: E402
 from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 
+from benchmarks.dpr_heuristic import load  # noqa: E402
+from benchmarks.provenance import Provenance, file_digest, options_config, write_markdown  # noqa: E402
 from lightning_modules.dpr import DPRAG, DPRWG, INTERACTION_CLASSES  # noqa: E402
 
 RELATION_NAMES = {0: "none", 1: "synergy", 2: "antagonism", -1: "unknown"}
@@ -220,7 +221,9 @@ def mask_plot(
     plt.close(fig)
 
 
-def write_mask_outputs(model, data, masks, visits, out: Path, suffix: str, age: float | None) -> None:
+def write_mask_outputs(
+    model, data, masks, visits, out: Path, suffix: str, age: float | None, provenance: Provenance
+) -> None:
     """``mask_projection{suffix}.png`` and ``.md``; none for a model trained without its mask layer, whose mask
     weights were never trained."""
     variant = type(model).__name__.replace("DPR", "DPR-")
@@ -229,10 +232,11 @@ def write_mask_outputs(model, data, masks, visits, out: Path, suffix: str, age: 
         return
     mask_plot(data, masks, visits, out / f"mask_projection{suffix}.png", age, variant)
     text = mask_report(data, masks, visits, 60.0 if age is None else age, variant)
-    (out / f"mask_projection{suffix}.md").write_text(text)
+    write_markdown(out / f"mask_projection{suffix}.md", text, provenance)
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wg", required=True, help="DPR-WG checkpoint")
     parser.add_argument("--ag", default=None, help="DPR-AG checkpoint")
@@ -242,15 +246,17 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoints = {"wg": file_digest(opts.wg), "ag": file_digest(opts.ag) if opts.ag else None}
+    provenance = Provenance.capture("benchmarks/dpr_interpret.py", argv, config={**options_config(opts), **checkpoints})
     wg, data = load(opts.wg, opts.data, DPRWG)
     edges, masks, visits = collect(wg, data)
-    (out / "impact_factors.md").write_text(impact_report(wg, data, edges, visits))
-    write_mask_outputs(wg, data, masks, visits, out, "", opts.age)
+    write_markdown(out / "impact_factors.md", impact_report(wg, data, edges, visits), provenance)
+    write_mask_outputs(wg, data, masks, visits, out, "", opts.age, provenance)
     if opts.ag:
         ag, data = load(opts.ag, opts.data, DPRAG)
         edges, masks, visits = collect(ag, data)
-        (out / "interaction_classes.md").write_text(class_report(ag, data, edges, visits))
-        write_mask_outputs(ag, data, masks, visits, out, "_ag", opts.age)
+        write_markdown(out / "interaction_classes.md", class_report(ag, data, edges, visits), provenance)
+        write_mask_outputs(ag, data, masks, visits, out, "_ag", opts.age, provenance)
     for name in ("impact_factors.md", "interaction_classes.md", "mask_projection.md", "mask_projection_ag.md"):
         if (out / name).exists():
             print((out / name).read_text())

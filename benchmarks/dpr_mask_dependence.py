@@ -22,7 +22,6 @@ training seeds: the table gives each and their mean. Writes ``<out>/mask_depende
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,11 +29,12 @@ import lightning as L
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
-from dpr_heuristic import load  # noqa: E402
 from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 
+from benchmarks.dpr_heuristic import load  # noqa: E402
+from benchmarks.provenance import Provenance, file_digest, options_config, write_json, write_markdown  # noqa: E402
 from lightning_modules.dpr import DPR  # noqa: E402
 
 MODES = ("learned", "mean", "shuffled")
@@ -112,6 +112,7 @@ def report(results: dict[str, list[dict[str, float]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="NAME=CKPT[,CKPT...] (DPR-WG or DPR-AG)")
     parser.add_argument("--data", default=None, help="cohort folder (default: the checkpoint's own data)")
@@ -136,8 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     if opts.out:
         out = Path(opts.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "mask_dependence.md").write_text(text)
-        (out / "mask_dependence.json").write_text(json.dumps(results, indent=1))
+        checkpoints = [path for spec in opts.checkpoints for path in spec.partition("=")[2].split(",")]
+        config = {**options_config(opts), "checkpoints": [file_digest(path) for path in checkpoints]}
+        provenance = Provenance.capture("benchmarks/dpr_mask_dependence.py", argv, config=config)
+        write_markdown(out / "mask_dependence.md", text, provenance)
+        write_json(out / "mask_dependence.json", results, provenance)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import Provenance, options_config, write_json  # noqa: E402
 from datamodules.package_graph import PackageGraphDataModule  # noqa: E402
 from lightning_modules.dpr import DPR  # noqa: E402
 
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cells = [r["config"], r["message_passing"], f"{r['step_seconds']:.3f}", r["graphs"], r["nodes"], r["edges"]]
         print("| " + " | ".join(map(str, cells)) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        config = {**options_config(args), "overrides": extra}
+        write_json(args.out, rows, Provenance.capture("benchmarks/dpr_step_speed.py", argv, config=config))
     return rows
 
 

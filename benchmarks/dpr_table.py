@@ -1,28 +1,32 @@
 """DPR's comparison table: DPR-WG, DPR-AG, the NCF / NN / structure-only GNN baselines and ablations.
 
-    python benchmarks/dpr_table.py --out <dir> [--data <folder>] [--configs a.yaml b.yaml ...]
+    python benchmarks/dpr_table.py --out <dir> [--data <folder>] [--configs dpr_wg ncf ...]
         [--epochs N] [--variants] [--threads T] [-- CLI overrides for every run]
 
-Each configuration is trained and tested by ``benchmarks/run.py`` in its own process (so peak
-RSS is per method); the table reports the bootstrap means of precision, recall, F1 (DPR's
-metrics), Jaccard and the DDI rate (the other methods' metrics), seconds per training epoch,
-test seconds and peak RSS, and is written to ``<dir>/dpr_table.md`` (rows also in
-``<dir>/dpr_table.json``). ``--variants`` adds DPR-WG runs with 1 GNN layer, 5 negative
-packages and co-occurrence threshold 0.05. ``--threads`` sets the intra-op threads of every run
-(OMP_NUM_THREADS; DPR's many small graph ops run best with 1 on a busy 2-core machine).
+Each configuration is one :mod:`benchmarks.grid` cell: trained and tested by ``benchmarks/run.py``
+in its own process (so peak RSS is per method) in ``<dir>/<name>/``, reused when its
+``results.json`` has the cell's config hash (an interrupted table resumes). The table reports
+the bootstrap means of precision, recall, F1 (DPR's metrics), Jaccard and the DDI rate (the
+other methods' metrics), seconds per training epoch, test seconds and peak RSS, and is written
+to ``<dir>/dpr_table.md`` (rows also in ``<dir>/dpr_table.json``; both start with the
+provenance: command, commit, config hash). ``--variants`` adds DPR-WG runs with 1 GNN layer,
+5 negative packages and co-occurrence threshold 0.05. ``--threads`` sets the intra-op threads of
+every run (train.py's ``--threads``; DPR's many small graph ops run best with 1 on a busy
+2-core machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
+
+from benchmarks.grid import Cell, run_grid  # noqa: E402
+from benchmarks.provenance import Provenance, write_json, write_markdown  # noqa: E402
+
 MAIN = ["dpr_wg", "dpr_ag", "dpr_ag_drug_mask", "ncf", "dpr_nn", "dpr_gnn"]
 ABLATIONS = ["dpr_wg_no_context", "dpr_wg_no_type", "dpr_ag_no_mask", "dpr_ag_no_type"]
 VARIANTS = {
@@ -51,31 +55,23 @@ HEADER = (
 )
 
 
-def run_one(name: str, config: str, extra: list[str], opts, overrides: list[str]) -> dict:
-    out = Path(opts.out) / name
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "run.py"),
-        "--config",
-        str(ROOT / "configs" / f"{config}.yaml"),
-        "--out",
-        str(out),
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+def plan(opts: argparse.Namespace, overrides: list[str]) -> list[Cell]:
+    """One grid cell per table row: (row name, config name, extra overrides)."""
+    rows = [(name, name, []) for name in (opts.configs or MAIN + ABLATIONS)]
+    if opts.variants:
+        rows += [(name, base, extra) for name, (base, extra) in VARIANTS.items()]
+    common = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    common += [f"--threads={opts.threads}"] if opts.threads else []
+    return [
+        Cell(
+            method=name,
+            config=str(ROOT / "configs" / f"{config}.yaml"),
+            data=opts.data,
+            epochs=opts.epochs,
+            overrides=(*common, *extra, *overrides),
+        )
+        for name, config, extra in rows
     ]
-    if opts.data:
-        cmd += ["--data", opts.data]
-    if opts.epochs:
-        cmd += ["--epochs", str(opts.epochs)]
-    env = dict(os.environ)
-    if opts.threads:
-        env["OMP_NUM_THREADS"] = str(opts.threads)
-    start = time.perf_counter()
-    with open(Path(opts.out) / f"{name}.log", "w") as log:
-        subprocess.run(cmd + extra + overrides, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-    results = json.loads((out / "results.json").read_text())
-    results.update({"name": name, "label": LABELS.get(name, name), "wall_seconds": time.perf_counter() - start})
-    return results
 
 
 def _pm(r: dict, key: str) -> str:
@@ -93,6 +89,7 @@ def row(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default=None, help="data root; default: the synthetic cohort")
@@ -102,20 +99,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None)
     opts, overrides = parser.parse_known_args(argv)
     overrides = [o for o in overrides if o != "--"]
-    Path(opts.out).mkdir(parents=True, exist_ok=True)
-    plan = [(name, name, []) for name in (opts.configs or MAIN + ABLATIONS)]
-    if opts.variants:
-        plan += [(name, base, extra) for name, (base, extra) in VARIANTS.items()]
+    out = Path(opts.out)
+    cells = plan(opts, overrides)
     rows = []
-    for name, config, extra in plan:
-        rows.append(run_one(name, config, extra, opts, overrides))
-        print(row(rows[-1]), flush=True)
-        (Path(opts.out) / "dpr_table.json").write_text(json.dumps(rows, indent=1))
+    for cell, result in run_grid(cells, out).items():
+        if isinstance(result, Exception):
+            raise result
+        rows.append({**result, "name": cell.method, "label": LABELS.get(cell.method, cell.method)})
+    provenance = Provenance.capture("benchmarks/dpr_table.py", argv, config=[c.hash for c in cells])
+    write_json(out / "dpr_table.json", rows, provenance)
     data = Path(opts.data).name if opts.data else "synthetic"
     table = f"DPR table on {data} (bootstrap 10 × 80 % of the test patients)\n\n" + HEADER
     table += "\n".join(row(r) for r in rows) + "\n"
-    (Path(opts.out) / "dpr_table.md").write_text(table)
-    print(table)
+    print(write_markdown(out / "dpr_table.md", table, provenance))
     return rows
 
 

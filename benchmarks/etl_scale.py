@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
+
+from benchmarks.provenance import Provenance, options_config, write_json  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,7 +150,9 @@ def main(argv=None) -> dict:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
     }
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    provenance = Provenance.capture("benchmarks/etl_scale.py", argv, config=options_config(args, leave_out=("work",)))
+    write_json(work / "results.json", results, provenance)
     print(
         "| input rows | labevents | prescriptions | ETL wall s | rows/s | peak RSS MB | cached run s "
         "| cohort load s | load avg (1/5/15 min) before -> after |\n|---|---|---|---|---|---|---|---|---|"

@@ -4,7 +4,8 @@ size, and CPU vs GPU test metrics of the same checkpoint.
     python benchmarks/gpu_check.py --out <dir> [--data <benchmark folder>] [--device cuda]
         [--configs retain.yaml safedrug.yaml ...] [--all-configs] [--batches 40]
 
-Writes ``<dir>/gpu_check.json`` and ``<dir>/gpu_check.md`` (first line: the command and commit).
+Writes ``<dir>/gpu_check.json`` and ``<dir>/gpu_check.md`` (both start with the provenance:
+command, commit, config hash; :mod:`benchmarks.provenance`).
 Sized for one H100/H200 in about 6 minutes (``--budget`` 420 s: steps not started by then are
 recorded as skipped), in this order: (d), (c), (b). (b) one capped epoch (``--batches``) + a full test of
 each method's main config (``--all-configs``: every file in configs/), fp32 and bf16-mixed, on
@@ -34,9 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -49,6 +48,7 @@ import lightning  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from benchmarks.provenance import Provenance, options_config, write_json, write_markdown  # noqa: E402
 from callbacks.epoch_timer import EpochTimer  # noqa: E402
 from train import make_cli  # noqa: E402
 
@@ -193,15 +193,6 @@ def environment(device: str) -> dict:
     return info
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git checkout)"
-
-
 def _f(value) -> str:
     if value is None:
         return "–"
@@ -216,8 +207,7 @@ def _table(title: str, columns: list[tuple[str, str]], rows: list[dict]) -> list
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Command: `{report['command']}`  ", f"Commit: `{report['commit']}`", ""]
-    lines += ["| " + " | ".join(f"{k}: {v}" for k, v in report["environment"].items()) + " |"]
+    lines = ["| " + " | ".join(f"{k}: {v}" for k, v in report["environment"].items()) + " |"]
     lines += _table(
         "(b) fit + test",
         [("config", "config"), ("precision", "precision"), ("status", "status"), ("test Jaccard", "test_jaccard")]
@@ -246,9 +236,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
+    provenance = Provenance.capture("benchmarks/gpu_check.py", argv, config=options_config(opts))
     report = {
-        "command": "python benchmarks/gpu_check.py " + shlex.join(argv),
-        "commit": commit(),
         "environment": environment(opts.device),
         "fit_test": [],
         "epoch_seconds": [],
@@ -275,9 +264,8 @@ def main(argv=None) -> dict:
                 "b", report["fit_test"], fit_and_test, config, opts, out, precision, config=config, precision=precision
             )
     report["total_seconds"] = round(time.perf_counter() - start, 1)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu_check.md").write_text(markdown(report))
-    print(markdown(report))
+    report = write_json(out / "gpu_check.json", report, provenance)
+    print(write_markdown(out / "gpu_check.md", markdown(report), provenance))
     return report
 
 

@@ -10,32 +10,30 @@ fields the data lack (MiranDa: length of stay, age, procedures; not in the bench
 stops with that message at set-up; its first seed's message is printed and the method is left
 out of the report (named under "Skipped"), instead of failing the whole leaderboard.
 
-Runs ``benchmarks/run.py`` for each (config, seed) in a child process (results already in
-``<out>/<method>/seed<s>/results.json`` are reused, so an interrupted report resumes; ``--jobs``
-runs several at once), then
-writes ``<out>/report.md`` (mean ± std over seeds of the bootstrap means, paired t-test of
-Jaccard against the reference method over the same seeds) and PNG plots: Jaccard vs DDI
-rate for all methods, validation Jaccard per epoch, and SafeDrug's γ-controllability curve
-when a γ sweep result is given.
+Runs each (config, seed) as one :mod:`benchmarks.grid` cell (``benchmarks/run.py`` in its own
+process, folder ``<out>/<method>/seed<s>``; a cell whose ``results.json`` has the cell's config
+hash is reused, so an interrupted report resumes; ``--jobs`` runs several at once), then writes
+``<out>/report.md`` (provenance header; mean ± sample std over seeds of the bootstrap means,
+paired t-test of Jaccard against the reference method over the same seeds) and PNG plots:
+Jaccard vs DDI rate for all methods, validation Jaccard per epoch, and SafeDrug's
+γ-controllability curve when a γ sweep result is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
 
+from benchmarks.grid import CellFailed, aggregate, grid_cells, paired_t_test, results_frame, run_grid  # noqa: E402
+from benchmarks.provenance import Provenance, write_markdown  # noqa: E402
 from lightning_modules.registry import config_path, method_configs  # noqa: E402
 
 MISSING_FIELDS = "needs visit field(s)"  # the start of CohortKnowledge.require's message
@@ -69,69 +67,36 @@ class MissingFields(RuntimeError):
     """The method's model needs visit fields these data do not have."""
 
 
-def run_one(config: str, seed: int, opts: argparse.Namespace) -> dict:
-    out = Path(opts.out) / Path(config).stem / f"seed{seed}"
-    if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
-    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", config, "--out", str(out)]
-    command += ["--seed", str(seed), "--trainer.enable_progress_bar=false"]
-    if opts.data:
-        command += ["--data", opts.data]
-    if opts.epochs:
-        command += ["--epochs", str(opts.epochs)]
-    out.mkdir(parents=True, exist_ok=True)
-    if opts.threads:
-        command += ["--threads", str(opts.threads)]
-    with open(out / "log.txt", "w") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    if done.returncode != 0:
-        reason = next((line for line in (out / "log.txt").read_text().splitlines() if MISSING_FIELDS in line), None)
-        if reason:
-            raise MissingFields(f"{Path(config).stem}: {reason.strip()}")
-        raise RuntimeError(f"{Path(config).stem} seed {seed} failed; see {out / 'log.txt'}")
-    return json.loads((out / "results.json").read_text())
+def cells(configs: list[str], opts: argparse.Namespace) -> list:
+    overrides = ["--trainer.enable_progress_bar=false"] + ([f"--threads={opts.threads}"] if opts.threads else [])
+    return grid_cells(configs, opts.seeds, data=opts.data, epochs=opts.epochs, overrides=overrides)
 
 
-def paired_t_test(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided p-value of the paired t-test (NaN with fewer than 2 pairs or no variance)."""
-    from scipy import stats
-
-    if len(a) < 2 or np.allclose(a - b, 0):
-        return float("nan")
-    return float(stats.ttest_rel(a, b).pvalue)
+def missing_fields(error: Exception) -> MissingFields | None:
+    """A failed cell whose log says the data lack the method's visit fields: the data's fault, not the method's."""
+    if not isinstance(error, CellFailed):
+        return None
+    reason = next((line for line in error.log.read_text().splitlines() if MISSING_FIELDS in line), None)
+    return MissingFields(f"{error.cell.method}: {reason.strip()}") if reason else None
 
 
 def summarise(results: pd.DataFrame, reference: str) -> pd.DataFrame:
-    rows = []
+    summary = aggregate(results, COLUMNS)
     ref = results[results["method"] == reference].set_index("seed")["jaccard"]
-    for method, group in results.groupby("method", sort=False):
-        row = {"method": method, "seeds": len(group)}
-        for column in COLUMNS:
-            values = group[column].astype(float)
-            row[column], row[f"{column}_std"] = values.mean(), values.std(ddof=0)
+    p_values, params = [], []
+    for method in summary["method"]:
+        group = results[results["method"] == method]
         paired = group.set_index("seed")["jaccard"].align(ref, join="inner")
-        row["p_vs_reference"] = float("nan") if method == reference else paired_t_test(*map(np.asarray, paired))
-        row["params"] = int(group["params"].iloc[0])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def provenance(argv: list[str]) -> str:
-    """The report's first lines: the command that regenerates it and the commit it ran at."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (no git checkout)"
-    return f"Command: `python benchmarks/leaderboard.py {shlex.join(argv)}`  \nCommit: `{commit}`\n\n"
+        p_values.append(float("nan") if method == reference else paired_t_test(*map(np.asarray, paired)))
+        params.append(int(group["params"].iloc[0]))
+    return summary.assign(p_vs_reference=p_values, params=params)
 
 
 def markdown(summary: pd.DataFrame, data: str, seeds: list[int], reference: str) -> str:
     lines = [
         f"# medrec leaderboard — {data}",
         "",
-        f"Bootstrap protocol (10 × 80 % of test patients) per run; mean ± std over seeds {seeds}. "
+        f"Bootstrap protocol (10 × 80 % of test patients) per run; mean ± sample std over seeds {seeds}. "
         f"p: paired t-test of Jaccard against {reference} over the same seeds.",
         "",
         "| method | Jaccard | F1 | PRAUC | DDI rate | avg drugs | p vs ref "
@@ -219,41 +184,39 @@ def plot_gamma_curve(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> pd.DataFrame:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_args(argv)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     configs = opts.configs or default_configs()
-    jobs = [(c, s) for c in configs for s in opts.seeds]
-    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-        futures = [pool.submit(run_one, config, seed, opts) for config, seed in jobs]
-        for _ in tqdm(as_completed(futures), total=len(futures), desc="leaderboard runs", unit="run"):
-            pass
-    rows, skipped = [], {}
-    for future, (config, seed) in zip(futures, jobs):
-        try:
-            rows.append({**future.result(), "method": Path(config).stem, "seed": seed})
-        except MissingFields as error:  # the data, not the method, is at fault: leave it out, say why
-            skipped.setdefault(Path(config).stem, str(error))
+    grid = cells(configs, opts)
+    outcomes = run_grid(grid, out, jobs=opts.jobs)
+    skipped = {}
+    for cell, outcome in outcomes.items():
+        if isinstance(outcome, Exception):
+            reason = missing_fields(outcome)
+            if reason is None:
+                raise outcome
+            skipped.setdefault(cell.method, str(reason))
     for reason in skipped.values():
         print(f"leaderboard: skipped {reason}", file=sys.stderr)
-    configs = [c for c in configs if Path(c).stem not in skipped]
-    if not rows:
+    results = results_frame(outcomes)
+    if results.empty:
         raise SystemExit("leaderboard: no method ran on these data")
-    results = pd.DataFrame(rows)
     results.to_csv(out / "runs.csv", index=False)
-    methods = [Path(c).stem for c in configs]
+    methods = [Path(c).stem for c in configs if Path(c).stem not in skipped]
     reference = opts.reference or ("safedrug" if "safedrug" in methods else methods[0])
     summary = summarise(results, reference)
     summary.to_csv(out / "summary.csv", index=False)
     data_name = Path(opts.data).name if opts.data else "synthetic"
-    argv = sys.argv[1:] if argv is None else argv
     notes = "".join(f"\nSkipped {reason}\n" for reason in skipped.values())
-    (out / "report.md").write_text(provenance(argv) + markdown(summary, data_name, opts.seeds, reference) + notes)
+    provenance = Provenance.capture("benchmarks/leaderboard.py", argv, config=sorted(c.hash for c in grid))
+    text = write_markdown(out / "report.md", markdown(summary, data_name, opts.seeds, reference) + notes, provenance)
     plot_accuracy_vs_safety(summary, out / "jaccard_vs_ddi.png")
     plot_validation_curves(out, list(summary["method"]), opts.seeds[0], out / "validation_curves.png")
     if opts.gamma_report:
-        plot_gamma_curve(json.loads(Path(opts.gamma_report).read_text()), out / "safedrug_gamma.png")
-    print((out / "report.md").read_text())
+        gamma = json.loads(Path(opts.gamma_report).read_text())
+        plot_gamma_curve(gamma["rows"] if isinstance(gamma, dict) else gamma, out / "safedrug_gamma.png")
+    print(text)
     return summary
 
 

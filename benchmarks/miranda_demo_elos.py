@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 import time
 from pathlib import Path
@@ -65,11 +64,10 @@ import pandas as pd
 import torch
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
-from miranda_seeds import elos_sanity, recorded_elos  # noqa: E402
-
+from benchmarks.miranda_seeds import elos_sanity, recorded_elos  # noqa: E402
+from benchmarks.provenance import Provenance, options_config, write_json, write_markdown  # noqa: E402
 from datamodules.cohort import Cohort  # noqa: E402
 from datamodules.mimic import EtlOptions, read_etl_report  # noqa: E402
 from datamodules.mimic.etl import prepare  # noqa: E402
@@ -269,6 +267,7 @@ def report(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", required=True, help="raw MIMIC-III demo folder")
     parser.add_argument("--mappings", required=True, help="folder with ndc2RXCUI.txt")
@@ -280,10 +279,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(opts.threads)
     payloads = [demo_elos(opts.raw, opts.mappings, opts.out, m, opts.seed) for m in opts.min_admissions]
     out = Path(opts.out)
-    (out / "demo_elos.json").write_text(json.dumps(payloads, indent=1))
+    provenance = Provenance.capture("benchmarks/miranda_demo_elos.py", argv, config=options_config(opts))
+    write_json(out / "demo_elos.json", payloads, provenance)
     text = "# MiranDa ELOS sanity (paper Table 2) on the MIMIC-III demo\n\n" + "\n".join(map(report, payloads))
-    (out / "demo_elos.md").write_text(text)
-    print(text)
+    print(write_markdown(out / "demo_elos.md", text, provenance))
     return payloads
 
 

@@ -2,13 +2,16 @@
 
     python benchmarks/miranda_seeds.py --out benchmarks/reports/miranda_seeds \
         [--seeds 0 1 2 3 4] [--epochs 30] [--data <folder>] [--threads 1] \
-        [--methods miranda --reuse <earlier out>/runs.json] [--resume] [CLI overrides ...]
+        [--methods miranda --reuse <earlier out>] [CLI overrides ...]
 
 Per seed s, both ``configs/miranda_baseline.yaml`` and ``configs/miranda.yaml`` are trained on
 the same random split (``split=random``, ``seed=s``, 70/15/15 as in the paper) from the same
-initial seed and tested from their best validation-Jaccard checkpoint. Writes
-``<out>/results.json`` (every run, the mean ± std per method, paired t-tests of MiranDa minus
-baseline) and ``<out>/report.md``, which also holds:
+initial seed and tested from their best validation-Jaccard checkpoint: each (method, seed) is a
+:mod:`benchmarks.grid` cell (``benchmarks/run.py`` in ``<out>/<method>/seed<s>/``, with
+:class:`RetrievalClock` appended to the trainer's callbacks), reused when its ``results.json``
+has the cell's config hash, so an interrupted invocation resumes and other overrides retrain.
+Writes ``<out>/results.json`` (every run, the mean ± sample std per method, paired t-tests of
+MiranDa minus baseline) and ``<out>/report.md``, both with the provenance header, which also hold:
 
 * ELOS sanity (paper Table 2): ELOS of the *recorded* drug sets vs the real mean LOS of the same
   visits, per split (training visits never retrieve themselves);
@@ -16,9 +19,7 @@ baseline) and ``<out>/report.md``, which also holds:
   and one 512-visit batch: forward/backward/step vs retrieval time;
 * the load average of the machine while it ran.
 
-``--resume`` keeps the runs an interrupted (or smaller) invocation left in ``<out>/runs.json``
-with the same CLI overrides and trains only the missing method/seed pairs.
-``--methods miranda --reuse <earlier>/runs.json`` trains MiranDa only (e.g. with other
+``--methods miranda --reuse <earlier out>`` trains MiranDa only (e.g. with other
 ``--model.init_args.*`` overrides, which the baseline config would reject) and pairs it with
 the baseline runs of an earlier invocation on the same seeds.
 """
@@ -34,17 +35,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
 import lightning as L  # noqa: E402
-from scipy import stats  # noqa: E402
 
+from benchmarks.grid import Cell, aggregate, paired_by_seed, run_grid  # noqa: E402
+from benchmarks.provenance import Provenance, write_json, write_markdown  # noqa: E402
 from datamodules.visit_sequence import VisitCollator, VisitSequenceDataModule  # noqa: E402
 from lightning_modules import MiranDaPredictor  # noqa: E402
 from lightning_modules.elos import StayIndex  # noqa: E402
-from train import make_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"baseline": "configs/miranda_baseline.yaml", "miranda": "configs/miranda.yaml"}
@@ -67,6 +69,7 @@ class RetrievalClock(L.Callback):
     """Seconds of each training epoch and the part of them spent in :class:`StayIndex` retrieval.
 
     Validation is excluded, as in ``callbacks.EpochTimer``; this clock adds the retrieval share.
+    ``benchmarks/run.py`` puts :meth:`benchmark_figures` into the run's ``results.json``.
     """
 
     spent = 0.0
@@ -94,6 +97,16 @@ class RetrievalClock(L.Callback):
             clocked._clocked = True
             setattr(StayIndex, name, clocked)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.install()
+
+    def benchmark_figures(self, trainer, pl_module) -> dict:
+        figures = {"retrieval_seconds": float(np.mean(self.retrieval)) if self.retrieval else None}
+        for name in ("therapeutic_batches", "therapeutic_steps"):
+            if hasattr(pl_module, name):
+                figures[name] = int(getattr(pl_module, name))
+        return figures
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = (time.perf_counter(), RetrievalClock.spent)
 
@@ -110,49 +123,45 @@ class RetrievalClock(L.Callback):
         self._stop()
 
 
-def run_one(method: str, seed: int, opts, overrides: list[str]) -> dict:
-    out = Path(opts.out) / f"{method}-seed{seed}"
-    args = [
-        "--config",
-        str(ROOT / METHODS[method]),
-        "--seed_everything",
-        str(seed),
-        "--trainer.max_epochs",
-        str(opts.epochs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.logger.init_args.save_dir",
-        str(out / "logs"),
-        "--checkpoint.dirpath",
-        str(out / "checkpoints"),
-        "--data.init_args.split",
-        "random",
-        "--data.init_args.split_ratios",
-        "[0.7, 0.15, 0.15]",
-        "--data.init_args.seed",
-        str(seed),
+def cells(opts: argparse.Namespace, overrides: list[str]) -> list[Cell]:
+    """One grid cell per (seed, method): the seed's random 70/15/15 split, the retrieval clock."""
+    clock = json.dumps({"class_path": "benchmarks.miranda_seeds.RetrievalClock"})
+    return [
+        Cell(
+            method=method,
+            config=str(ROOT / METHODS[method]),
+            seed=seed,
+            data=opts.data,
+            epochs=opts.epochs,
+            overrides=(
+                "--trainer.enable_progress_bar=false",
+                f"--threads={opts.threads}",
+                "--data.init_args.split=random",
+                "--data.init_args.split_ratios=[0.7, 0.15, 0.15]",
+                f"--data.init_args.seed={seed}",
+                f"--trainer.callbacks+={clock}",
+                *overrides,
+            ),
+        )
+        for seed in opts.seeds
+        for method in opts.methods
     ]
-    if opts.data:
-        args += ["--data.init_args.root", opts.data]
-    cli = make_cli(args + overrides, run=False)
-    trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    clock = RetrievalClock()
-    trainer.callbacks.append(clock)
-    trainer.fit(model, datamodule=data)
-    epochs, retrieval = list(clock.epochs), list(clock.retrieval)
-    best = trainer.checkpoint_callback.best_model_path
-    trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    result = {"method": method, "seed": seed, "epochs": len(epochs), "best_checkpoint": best}
-    for key in KEYS:
-        result[key] = logged.get(f"test_{key}")
-    result["epoch_seconds"] = float(np.mean(epochs)) if epochs else None
-    result["retrieval_seconds"] = float(np.mean(retrieval)) if retrieval else None
-    for name in ("therapeutic_batches", "therapeutic_steps"):
-        if hasattr(model, name):
-            result[name] = int(getattr(model, name))
-    print(json.dumps(result), flush=True)
-    return result
+
+
+def run_rows(opts: argparse.Namespace, overrides: list[str]) -> list[dict]:
+    """The runs of this invocation's cells (trained or reused) and of ``--reuse`` folders."""
+    rows = []
+    for cell, result in run_grid(cells(opts, overrides), opts.out).items():
+        if isinstance(result, Exception):
+            raise result
+        rows.append({**result, "method": cell.method, "seed": cell.seed})
+    for folder in opts.reuse:
+        for method in set(METHODS) - set(opts.methods):
+            for seed in opts.seeds:
+                path = Path(folder) / method / f"seed{seed}" / "results.json"
+                if path.is_file():
+                    rows.append({**json.loads(path.read_text()), "method": method, "seed": seed})
+    return rows
 
 
 def recorded_elos(index: StayIndex, samples: list[dict], num_medications: int, exclude_self: bool):
@@ -239,33 +248,21 @@ def batch_speed(data_root: str | None, visits: int = 512, repeats: int = 5) -> d
 
 
 def paired(results: list[dict], key: str) -> dict:
-    base = {r["seed"]: r[key] for r in results if r["method"] == "baseline"}
-    mira = {r["seed"]: r[key] for r in results if r["method"] == "miranda"}
-    seeds = sorted(set(base) & set(mira))
-    a = np.array([mira[s] for s in seeds], dtype=float)
-    b = np.array([base[s] for s in seeds], dtype=float)
-    test = stats.ttest_rel(a, b) if len(seeds) > 1 else None
-    return {
-        "seeds": seeds,
-        "mean_difference": float((a - b).mean()),
-        "t": None if test is None else float(test.statistic),
-        "p_value": None if test is None else float(test.pvalue),
-    }
+    """MiranDa − baseline on ``key`` over the seeds both ran (paired t-test)."""
+    return paired_by_seed(pd.DataFrame(results), key, "miranda", "baseline")
 
 
 def summary(results: list[dict]) -> dict:
-    table = {}
-    for method in METHODS:
-        rows = [r for r in results if r["method"] == method]
-        table[method] = {}
-        for key in (*KEYS, "epoch_seconds", "retrieval_seconds"):
-            values = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
-            if len(values):
-                table[method][key] = {
-                    "mean": float(values.mean()),
-                    "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                }
-    return table
+    """{method: {key: {"mean", "std"}}}: mean ± sample std over seeds (keys a method lacks are left out)."""
+    table = aggregate(pd.DataFrame(results), (*KEYS, "epoch_seconds", "retrieval_seconds")).set_index("method")
+    return {
+        method: {
+            key: {"mean": float(table.loc[method, key]), "std": float(table.loc[method, f"{key}_std"])}
+            for key in (*KEYS, "epoch_seconds", "retrieval_seconds")
+            if method in table.index and not np.isnan(table.loc[method, key])
+        }
+        for method in METHODS
+    }
 
 
 def report(payload: dict) -> str:
@@ -338,6 +335,7 @@ def report(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -346,43 +344,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (oversubscribed cores slow torch badly)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to train")
     parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the runs already in <out>/runs.json made with the same overrides; train only the missing ones",
-    )
-    parser.add_argument(
         "--reuse",
         nargs="+",
         default=[],
-        help="runs.json of earlier invocations: their runs of methods not trained now (same seeds) join the report",
+        help="earlier output folders: their runs of methods not trained now (same seeds) join the report",
     )
     opts, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(opts.threads)
-    Path(opts.out).mkdir(parents=True, exist_ok=True)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
     RetrievalClock.install()
     load_before = [round(x, 2) for x in os.getloadavg()]
     start = time.perf_counter()
     speed = batch_speed(opts.data)
     sanity = elos_sanity(opts.data, opts.seeds[0], {})
-    runs = [
-        run
-        for path in opts.reuse
-        for run in json.loads(Path(path).read_text())
-        if run["method"] not in opts.methods and run["seed"] in opts.seeds
-    ]
-    done = Path(opts.out) / "runs.json"
-    if opts.resume and done.exists():
-        runs += [
-            run
-            for run in json.loads(done.read_text())
-            if run["method"] in opts.methods and run["seed"] in opts.seeds and run.get("overrides", []) == overrides
-        ]
-    for seed in opts.seeds:
-        for method in opts.methods:
-            if any(run["method"] == method and run["seed"] == seed for run in runs):
-                continue
-            runs.append({**run_one(method, seed, opts, overrides), "overrides": overrides})
-            done.write_text(json.dumps(runs, indent=1))
+    runs = run_rows(opts, overrides)
     payload = {
         "data": opts.data or "synthetic",
         "seeds": opts.seeds,
@@ -398,9 +374,10 @@ def main(argv: list[str] | None = None) -> dict:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "wall_minutes": (time.perf_counter() - start) / 60,
     }
-    (Path(opts.out) / "results.json").write_text(json.dumps(payload, indent=1))
-    (Path(opts.out) / "report.md").write_text(report(payload))
-    print(report(payload))
+    grid = sorted(c.hash for c in cells(opts, overrides))
+    provenance = Provenance.capture("benchmarks/miranda_seeds.py", argv, config={"cells": grid, "reuse": opts.reuse})
+    payload = write_json(out / "results.json", payload, provenance)
+    print(write_markdown(out / "report.md", report(payload), provenance))
     return payload
 
 

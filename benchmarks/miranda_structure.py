@@ -25,7 +25,6 @@ extra (``pip install -e ".[bench]"``), not a dependency of medrec itself.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
+from benchmarks.provenance import Provenance, file_digest, options_config, write_json, write_markdown  # noqa: E402
 from datamodules.visit_sequence import VisitSequenceDataModule  # noqa: E402
 from lightning_modules.base import MedRecModule  # noqa: E402
 from lightning_modules.recommend import Recommender  # noqa: E402
@@ -189,6 +189,7 @@ def report(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", action="append", required=True, help="name=path, repeatable")
@@ -234,9 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
         "agreement": {m: agreement(reference, p["sets"]) for m, p in list(predictions.items())[1:]},
         "seconds": time.perf_counter() - start,
     }
-    (out / "structure.json").write_text(json.dumps(payload, indent=1))
-    (out / "structure.md").write_text(report(payload))
-    print(report(payload))
+    config = {**options_config(opts), "checkpoints": {name: file_digest(path) for name, path in checkpoints.items()}}
+    provenance = Provenance.capture("benchmarks/miranda_structure.py", argv, config=config)
+    payload = write_json(out / "structure.json", payload, provenance)
+    print(write_markdown(out / "structure.md", report(payload), provenance))
     return payload
 
 

@@ -5,21 +5,23 @@
 
 Writes ``<dir>/results.json`` (bootstrap means of the test metrics with ``<key>_std``, full
 test-set figures under ``all_<key>``, ``epoch_seconds``, ``infer_seconds``, ``peak_rss_mb``,
-``params``) and ``<dir>/results.md`` (a header and one table row). Without ``--data`` the
-synthetic default cohort is used.
+``params``, every other ``test_<key>`` the model logs as ``<key>``, the figures of any callback
+with a ``benchmark_figures(trainer, model)`` method, and ``provenance``: command, commit, config
+hash) and ``<dir>/results.md`` (the provenance header and one table row). Without ``--data`` the
+synthetic default cohort is used. :mod:`benchmarks.grid` runs it over configs × seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed copy
 
+from benchmarks.provenance import Provenance, run_config_hash, write_json, write_markdown  # noqa: E402
 from callbacks.epoch_timer import EpochTimer  # noqa: E402
 from datamodules.errors import run_reporting_errors  # noqa: E402
 from train import make_cli  # noqa: E402
@@ -63,6 +65,7 @@ def cli_arguments(opts: argparse.Namespace, overrides: list[str]) -> list[str]:
 
 
 def run(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts, overrides = parse_args(argv)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,9 @@ def run(argv: list[str] | None = None) -> dict:
         results[key] = logged.get(f"test_{key}")
         results[f"{key}_std"] = logged.get(f"test_{key}_std")
         results[f"all_{key}"] = logged.get(f"test_all_{key}")
+    for name, value in logged.items():  # a method's own test figures (MiranDa's ELOS, ...)
+        if name.startswith("test_") and name not in ("test_patients",):
+            results.setdefault(name.removeprefix("test_"), value)
     results.update(
         {
             "test_patients": int(logged.get("test_patients", 0)),
@@ -98,8 +104,13 @@ def run(argv: list[str] | None = None) -> dict:
             "overrides": overrides,
         }
     )
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(TABLE_HEADER + table_row(results) + "\n")
+    for callback in trainer.callbacks:  # measurements a script adds through --trainer.callbacks+=
+        if hasattr(callback, "benchmark_figures"):
+            results.update(callback.benchmark_figures(trainer, model))
+    digest = run_config_hash(opts.config, opts.data, opts.epochs, opts.seed, overrides)  # what grid.py compares
+    provenance = Provenance.capture("benchmarks/run.py", argv, digest=digest)
+    results = write_json(out / "results.json", results, provenance)
+    write_markdown(out / "results.md", TABLE_HEADER + table_row(results) + "\n", provenance)
     print(TABLE_HEADER + table_row(results))
     return results
 

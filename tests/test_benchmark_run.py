@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import run as bench  # noqa: E402
+from benchmarks import run as bench  # noqa: E402
+from benchmarks.grid import Cell  # noqa: E402
 
 
 def test_run_writes_results_json_and_table_row(tiny_cohort, tiny_cohort_dir, tmp_path, monkeypatch):
@@ -44,7 +45,15 @@ def test_run_writes_results_json_and_table_row(tiny_cohort, tiny_cohort_dir, tmp
     assert saved["params"] == (n_diag + n_proc + 1) * n_med
     assert saved["test_patients"] == 25  # safedrug split of 150 patients: 150 - 100 = 50, test 25
     assert Path(saved["best_checkpoint"]).is_file()
-    table = (out / "results.md").read_text().splitlines()
+    # the provenance: the command as typed, and the config hash a grid cell of this run compares
+    overrides = ("--trainer.enable_progress_bar=false", "--model.init_args.lr=0.01")
+    config = str(ROOT / "configs" / "lr.yaml")
+    cell = Cell("lr", config, seed=3, data=str(tiny_cohort_dir), epochs=2, overrides=overrides)
+    assert saved["provenance"]["config_hash"] == cell.hash
+    assert saved["provenance"]["command"].startswith(f"python benchmarks/run.py --config {cell.config} --data ")
+    header, table = (out / "results.md").read_text().split("\n\n", 1)
+    assert header.splitlines()[2] == f"Config hash: `{cell.hash}`"
+    table = table.splitlines()
     assert table[0].startswith("| method | data | Jaccard")
     assert table[2].startswith("| lr | tiny | ")
     assert list((out / "logs").rglob("metrics.csv"))

@@ -14,9 +14,9 @@ import torch
 from train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import cpu_threads  # noqa: E402
+from benchmarks import cpu_threads  # noqa: E402
 
 
 @pytest.fixture()
@@ -103,9 +103,11 @@ def test_benchmark_end_to_end_writes_the_table_and_json(tiny_cohort_dir, tmp_pat
     assert json.loads((out / "cpu_threads.json").read_text()) == json.loads(json.dumps(report))
     text = (out / "cpu_threads.md").read_text()
     lines = text.splitlines()
-    # DEVELOPERS.md: a report starts with the exact command and commit that produced it
+    # a report starts with the exact command, commit and config hash that produced it (benchmarks/provenance.py)
     assert lines[0] == f"Command: `python benchmarks/cpu_threads.py {' '.join(argv)} --conditions quiet`  "
-    assert re.fullmatch(r"Commit: `[0-9a-f]{40}( \(with uncommitted changes\))?`", lines[1])
+    assert re.fullmatch(r"Commit: `[0-9a-f]{40}`( \(with uncommitted changes\))?  ", lines[1])
+    assert lines[2] == f"Config hash: `{report['provenance']['config_hash']}`"
+    assert report["provenance"]["command"] == lines[0][len("Command: `") : -len("`  ")]
     assert "--trainer.limit_train_batches=2" in text
     assert re.search(r"train.py's default at this commit: (\d+|all)\)", text)  # read from --print_config
 

@@ -1,11 +1,16 @@
-"""Fits under DDP (2 CPU processes, gloo) for the models DDP used to refuse or could split.
+"""Fits under DDP (2 CPU processes, gloo) for the models DDP used to refuse or could split, and the
+DDI controllers (SafeDrug's PID β, GAMENet's annealing switch) taking the same steps on every rank.
 
-Full 2-process fits of every config through train.py: benchmarks/ddp_fit_check.py.
+Full 2-process fits of every config through train.py, 1 vs 2 process test figures: the report of
+benchmarks/ddp_fit_check.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -13,9 +18,13 @@ import pytest
 import torch
 from conftest import quiet_trainer
 
+from callbacks import PIDDDIController
 from datamodules.package_graph import PackageGraphDataModule
 from datamodules.visit_sequence import VisitSequenceDataModule
-from lightning_modules import DPRWG, DrugFrequency, MiranDa
+from lightning_modules import DPRWG, DrugFrequency, MiranDa, SafeDrug
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.ddp_fit_check import RankStateRecorder  # noqa: E402
 
 
 class RankAgreement(L.Callback):
@@ -99,6 +108,53 @@ def test_dpr_ranks_share_rank_zero_pretraining(tiny_cohort_dir, tmp_path):
     model = NoisyPretrainDPR(knowledge=data.knowledge, embedding_dim=8, hidden_dim=8, pretrain_epochs=1)
     diff, _ = fit_on_two_processes(model, data, tmp_path, limit_train_batches=1)
     assert diff == 0.0
+
+
+@pytest.mark.slow
+def test_ddi_annealing_takes_the_same_decisions_on_every_rank(tiny_cohort_dir, tmp_path):
+    # Each rank sees other patients, hence other local pair counts; the callback sums them over the
+    # ranks and draws from a generator seeded alike everywhere.
+    script = Path(__file__).with_name("ddp_annealing_run.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(tiny_cohort_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0) == len(r1) == 10  # 50 training patients per rank, 5 a batch
+    assert [a[2] for a in r0] == [b[2] for b in r1]
+    assert any(a[:2] != b[:2] for a, b in zip(r0, r1))  # the ranks counted different pairs
+    assert 0 < sum(a[2] for a in r0) < len(r0)  # both outcomes were drawn
+
+
+@pytest.mark.slow
+def test_pid_controller_and_weights_agree_across_ranks(tiny_cohort_dir, tmp_path):
+    # Target DDI 0 lies under what the model predicts, so β moves at every step from the DDI rate
+    # all-reduced over both ranks' batches; a rank acting on its own rate would drift apart.
+    data = VisitSequenceDataModule(root=str(tiny_cohort_dir), batch_size=16)
+    torch.manual_seed(0)
+    model = SafeDrug(knowledge=data.knowledge, embedding_dim=8)
+    controller = PIDDDIController(target_ddi=0.0, kp=0.05)
+    trainer = quiet_trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        callbacks=[controller, RankStateRecorder(str(tmp_path))],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        limit_train_batches=3,
+    )
+    trainer.fit(model, datamodule=data)
+    r0, r1 = (json.loads((tmp_path / f"fit_rank{r}.json").read_text())["trace"] for r in (0, 1))
+    assert len(r0) == 3 and r0 == r1
+    betas = [step["pid"]["beta"] for step in r0]
+    assert len(set(betas)) == 3  # β moved at every step
+    s0, s1 = (torch.load(tmp_path / f"fit_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
 def test_frequency_checkpoints_from_before_the_ddp_anchor_load(tiny_datamodule):

@@ -11,10 +11,9 @@ import pytest
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import dpr_age_groups  # noqa: E402
-
+from benchmarks import dpr_age_groups  # noqa: E402
 from datamodules.cohort import Cohort  # noqa: E402
 
 
@@ -85,7 +84,7 @@ def test_age_groups_command_on_the_synthetic_cohort(tmp_path, monkeypatch):
     assert row["f1"] == 1.0 and row["exact_old"] == 1.0 and row["adverse_recorded_old"] == 0.0
     assert row["adverse_young"] == row["adverse_recorded_young"]
     assert "| truth | 1.0000 |" in (tmp_path / "out" / "age_groups.md").read_text()
-    assert json.loads((tmp_path / "out" / "age_groups.json").read_text())[0]["visits"] == len(recorded)
+    assert json.loads((tmp_path / "out" / "age_groups.json").read_text())["rows"][0]["visits"] == len(recorded)
 
 
 def test_runs_of_one_model_are_averaged_per_patient_before_the_paired_test(tmp_path):

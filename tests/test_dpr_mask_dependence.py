@@ -10,10 +10,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import dpr_mask_dependence as probe  # noqa: E402
-
+from benchmarks import dpr_mask_dependence as probe  # noqa: E402
 from datamodules.package_graph import PackageGraphDataModule  # noqa: E402
 from lightning_modules.dpr import DPRAG, DPRWG  # noqa: E402
 

@@ -15,11 +15,9 @@ import torch
 from conftest import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import dpr_heuristic  # noqa: E402
-import dpr_interpret  # noqa: E402
-
+from benchmarks import dpr_heuristic, dpr_interpret  # noqa: E402
 from datamodules.package_graph import PackageGraphDataModule  # noqa: E402
 from lightning_modules.dpr import DPRAG, DPRWG  # noqa: E402
 
@@ -51,7 +49,9 @@ def checkpoints(tiny_cohort_dir, tmp_path_factory):
 def test_heuristic_report_plain_choice_is_the_test_loops_and_oracles_bound_the_choices(checkpoints, tmp_path):
     path, test_f1 = checkpoints["wg"]
     result = dpr_heuristic.main(["--ckpt", path, "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "heuristic.json").read_text()) == result
+    saved = json.loads((tmp_path / "heuristic.json").read_text())
+    assert saved.pop("provenance")["command"] == f"python benchmarks/dpr_heuristic.py --ckpt {path} --out {tmp_path}"
+    assert saved == result
     # the benchmark's non-heuristic choice is the one the model's own test loop scores
     assert result["candidate"] == pytest.approx(test_f1, abs=1e-6)
     assert result["oracle_all"] >= result["oracle_s1"] >= result["candidate"]
@@ -93,7 +93,8 @@ def test_interpretability_outputs_tables_7_and_8_and_the_mask_projection(checkpo
     assert "One pair in different patients' packages" in classes
     projection = (tmp_path / "mask_projection.md").read_text()
     assert "PC1 explains" in projection and "| PC1 | " in projection and "AUC for age ≥ 60 |" in projection
-    assert (tmp_path / "mask_projection_ag.md").read_text().startswith("DPR-AG mask vectors")
+    header, body = (tmp_path / "mask_projection_ag.md").read_text().split("\n\n", 1)
+    assert header.startswith("Command: `python benchmarks/dpr_interpret.py --wg ") and body.startswith("DPR-AG mask")
     assert (tmp_path / "mask_projection_ag.png").is_file()
 
 

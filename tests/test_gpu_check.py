@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py end to end on the CPU (``--device cpu``): every step runs and the report
-has the command, the commit and one row per configuration."""
+has the provenance header (command, commit, config hash) and one row per configuration."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import gpu_check  # noqa: E402
+from benchmarks import gpu_check  # noqa: E402
 
 
 def test_gpu_check_runs_every_step_on_the_cpu(tiny_cohort_dir, tmp_path, monkeypatch):
@@ -20,7 +20,8 @@ def test_gpu_check_runs_every_step_on_the_cpu(tiny_cohort_dir, tmp_path, monkeyp
     argv += ["--epochs", "2", "--batches", "3", "--compared", "safedrug.yaml"]
     report = gpu_check.main(argv)
     saved = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
-    assert saved["command"] == report["command"] == "python benchmarks/gpu_check.py " + " ".join(argv)
+    command = "python benchmarks/gpu_check.py " + " ".join(argv)
+    assert saved["provenance"]["command"] == report["provenance"]["command"] == command
     assert [(r["config"], r["precision"]) for r in saved["fit_test"]] == [
         ("retain.yaml", "32-true"),
         ("retain.yaml", "bf16-mixed"),
@@ -34,7 +35,8 @@ def test_gpu_check_runs_every_step_on_the_cpu(tiny_cohort_dir, tmp_path, monkeyp
     assert all(r["epoch_seconds"] > 0 for r in saved["epoch_seconds"])
     assert saved["cpu_vs_device"][0]["max_abs_diff"] == 0.0  # the same device twice here
     text = (tmp_path / "gc" / "gpu_check.md").read_text()
-    assert text.startswith(f"Command: `{report['command']}`") and "Commit: `" in text
+    assert text.startswith(f"Command: `{command}`  \nCommit: `")
+    assert f"Config hash: `{saved['provenance']['config_hash']}`" in text
 
 
 def test_gpu_check_records_the_steps_its_budget_left_out(tmp_path, monkeypatch):

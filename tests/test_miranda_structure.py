@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from miranda_structure import cluster_themes, hyperboloid_to_poincare, main  # noqa: E402
+from benchmarks.miranda_structure import cluster_themes, hyperboloid_to_poincare, main  # noqa: E402
 
 
 def test_hyperboloid_points_map_into_the_disk_preserving_distance_from_the_origin():
