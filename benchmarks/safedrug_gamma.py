@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
+
+from benchmarks.grid import Cell, run_grid  # noqa: E402
+from benchmarks.provenance import Provenance, write_json, write_markdown  # noqa: E402
+
 CONTROLLER = "callbacks.PIDDDIController"
 DEFAULT_GAMMAS = (0.0, 0.02, 0.04, 0.06, 0.08)
 
@@ -58,25 +62,29 @@ def run_dir(out: Path, gamma: float) -> Path:
     return out / f"gamma-{gamma:.2f}"
 
 
-def train(opts: argparse.Namespace, overrides: list[str]) -> None:
-    out = Path(opts.out)
+def cells(opts: argparse.Namespace, overrides: list[str]) -> list[Cell]:
+    """One grid cell per γ, in ``<out>/gamma-<γ>/``; the γ option last, so it wins over an override's."""
     config = str(Path(opts.config).resolve())
     check_controller(Path(config))
-    for gamma in opts.gammas:
-        folder = run_dir(out, gamma)
-        if (folder / "results.json").is_file():  # finished earlier: an interrupted sweep resumes
-            print(f"γ = {gamma:.2f}: reusing {folder / 'results.json'}", flush=True)
-            continue
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", config, "--out", str(folder)]
-        if opts.data:
-            cmd += ["--data", opts.data]
-        if opts.epochs is not None:
-            cmd += ["--epochs", str(opts.epochs)]
-        if opts.seed is not None:
-            cmd += ["--seed", str(opts.seed)]
-        cmd += [*overrides, target_option(gamma)]  # last: the grid's γ wins over an override's
-        print(f"γ = {gamma:.2f}: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+    return [
+        Cell(
+            f"gamma-{g:.2f}",
+            config,
+            opts.seed,
+            opts.data,
+            opts.epochs,
+            (*overrides, target_option(g)),
+            run_dir(Path(), g).name,
+        )
+        for g in opts.gammas
+    ]
+
+
+def train(opts: argparse.Namespace, overrides: list[str]) -> None:
+    """Runs every γ not finished with these options (an interrupted sweep resumes); stops at a failed one."""
+    for result in run_grid(cells(opts, overrides), opts.out).values():
+        if isinstance(result, Exception):
+            raise result
 
 
 def collect(out: Path, gammas: list[float]) -> list[dict]:
@@ -130,16 +138,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts, overrides = parse_args(argv)
     out = Path(opts.out)
     if not opts.report_only:
         train(opts, overrides)
     rows = collect(out, opts.gammas)
-    table = markdown(rows, opts.tolerance)
-    (out / "gamma.md").write_text(table)
-    (out / "gamma.json").write_text(json.dumps(rows, indent=1))  # leaderboard.py --gamma-report
+    provenance = Provenance.capture(
+        "benchmarks/safedrug_gamma.py", argv, config=sorted(c.hash for c in cells(opts, overrides))
+    )
+    write_json(out / "gamma.json", rows, provenance)  # leaderboard.py --gamma-report reads its rows
     plot(rows, out / "gamma.png")
-    print(table)
+    print(write_markdown(out / "gamma.md", markdown(rows, opts.tolerance), provenance))
     return rows
 
 
