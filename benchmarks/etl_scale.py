@@ -3,7 +3,7 @@
     python benchmarks/etl_scale.py --work /tmp/medrec-etl-scale            # >= 20 M labevents, >= 3 M prescriptions
     python benchmarks/etl_scale.py --work /tmp/etl-small --patients 300 --copies 1 --lab-rows-per-visit 20
 
-1. generates a synthetic cohort and writes it as raw MIMIC-IV tables (``datamodules.synthetic_raw``;
+1. generates a synthetic cohort and writes it as raw MIMIC-IV tables (``benchmarks.synthetic_raw``;
    ``.csv.gz``) with the mapping files, unless ``--work/raw`` already holds that set;
 2. runs ``python -m datamodules.mimic <raw> --out <work>/cohort --force true`` in a child process
    and measures its wall time and peak RSS (``getrusage`` of the child, which includes the
@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def generate(args: argparse.Namespace, raw: Path) -> dict:
+    from benchmarks.synthetic_raw import RawManifest, RawSpec, write_raw_mimic
     from datamodules.synthetic import SyntheticSpec, generate_synthetic_cohort
-    from datamodules.synthetic_raw import RawManifest, RawSpec, write_raw_mimic
 
     spec = RawSpec(
         layout="mimic4",

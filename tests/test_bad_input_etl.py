@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from benchmarks.synthetic_raw import RawSpec, write_raw_mimic
 from datamodules.mimic.cli import main as prepare_main
 from datamodules.synthetic import SyntheticSpec, generate_synthetic_cohort
-from datamodules.synthetic_raw import RawSpec, write_raw_mimic
 
 
 @pytest.fixture(scope="module")

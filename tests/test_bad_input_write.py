@@ -104,7 +104,7 @@ def test_cache_onto_a_foreign_folder_is_refused(tmp_path):
 
 
 def test_medrec_prepare_onto_a_hand_made_cohort_keeps_the_users_file(cohort, tmp_path, capsys):
-    from datamodules.synthetic_raw import RawSpec, write_raw_mimic
+    from benchmarks.synthetic_raw import RawSpec, write_raw_mimic
 
     raw = Path(
         write_raw_mimic(

@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 from conftest import SHARED_DATA
 
+from benchmarks.synthetic_raw import RawSpec, expected_visits, write_raw_mimic
 from datamodules.cohort import Cohort, CohortError
 from datamodules.mimic import EtlOptions, build_cohort, prepare_cohort, read_etl_report
 from datamodules.mimic import etl as etl_module
 from datamodules.mimic.cli import main as prepare_main
 from datamodules.sources import detect_source, resolve_cohort
 from datamodules.synthetic import SyntheticSpec, generate_synthetic_cohort
-from datamodules.synthetic_raw import RawSpec, expected_visits, write_raw_mimic
 
 ALL = EtlOptions(min_admissions=1, top_diagnoses=None, top_medications=None)
 DEMO = SHARED_DATA / "mimic3-demo"

@@ -22,13 +22,13 @@ import pytest
 import torch
 from conftest import SHARED_DATA, first_batch, quiet_trainer, write_cohort
 
+from benchmarks.synthetic_raw import RawSpec, write_raw_mimic
 from callbacks import DDIAnnealing, PIDDDIController
 from datamodules.cohort import Cohort, CohortError
 from datamodules.mimic import EtlOptions, build_cohort
 from datamodules.mimic.cli import main as prepare_main
 from datamodules.mimic.mappings import read_third_party_pickle
 from datamodules.synthetic import SyntheticSpec, generate_synthetic_cohort
-from datamodules.synthetic_raw import RawSpec, write_raw_mimic
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import GAMENet, SafeDrug
 from train import main as train_main
