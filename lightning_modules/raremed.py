@@ -4,7 +4,8 @@
 (arXiv 2403.17745). A visit is one *unified* sequence ``[CLS] d_1 … d_n [SEP] p_1 … p_m`` of its
 diagnoses and procedures; each token's input is its code embedding + a segment embedding
 (diagnosis / procedure part) + a relevance embedding (the code's rank inside its part: MIMIC lists
-a visit's codes by priority, SEQ_NUM). A Transformer encoder reads the sequence and the output at
+a visit's codes by priority, SEQ_NUM; the authors' code makes it a learned position embedding per
+part, as here). A Transformer encoder reads the sequence and the output at
 [CLS] is the patient representation. Training has two stages:
 
 1. **Pre-training** (``pretrain_epochs``, the first epochs of the fit), two self-supervised tasks:
