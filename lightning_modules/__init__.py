@@ -3,7 +3,9 @@
 from lightning_modules.base import MedRecModule
 from lightning_modules.dpr import DPRAG, DPRWG
 from lightning_modules.gamenet import GAMENet
+from lightning_modules.leap import LEAP
 from lightning_modules.logistic_regression import LogisticRegression
+from lightning_modules.micron import MICRON
 from lightning_modules.miranda import MiranDa, MiranDaPredictor
 from lightning_modules.nearest import DrugFrequency, Nearest
 from lightning_modules.raremed import RAREMed
@@ -23,4 +25,6 @@ __all__ = [
     "DPRWG",
     "DPRAG",
     "RAREMed",
+    "MICRON",
+    "LEAP",
 ]
