@@ -5,6 +5,7 @@ from lightning_modules.dpr import DPRAG, DPRWG
 from lightning_modules.gamenet import GAMENet
 from lightning_modules.logistic_regression import LogisticRegression
 from lightning_modules.miranda import MiranDa, MiranDaPredictor
+from lightning_modules.molerec import MoleRec
 from lightning_modules.nearest import DrugFrequency, Nearest
 from lightning_modules.retain import RETAIN
 from lightning_modules.safedrug import SafeDrug
@@ -21,4 +22,5 @@ __all__ = [
     "MiranDaPredictor",
     "DPRWG",
     "DPRAG",
+    "MoleRec",
 ]
