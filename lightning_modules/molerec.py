@@ -1,8 +1,10 @@
 """MoleRec (Yang et al., WWW 2023): substructure-aware molecular representations for drug recommendation.
 
-Sections refer to the paper ("MoleRec: Combinatorial Drug Recommendation with Substructure-Aware
-Molecular Representation Learning", doi 10.1145/3543507.3583872); the authors' code
-(github.com/yangnianzu0515/MoleRec) settles what the paper leaves open. Departures from the code
+The paper: "MoleRec: Combinatorial Drug Recommendation with Substructure-Aware Molecular
+Representation Learning", doi 10.1145/3543507.3583872. Its full text was not at hand when this was
+written (only its abstract), so the parts are named by the paper's terms (substructure relevancy,
+substructure interaction, DDI loss weight annealing) rather than by equation number, and the
+authors' code (github.com/yangnianzu0515/MoleRec) settled the details. Departures from the code
 are listed in :class:`MoleRec`'s docstring and in docs/molerec.md.
 """
 
@@ -53,7 +55,9 @@ class CategoricalEncoder(nn.Module):
 
 
 class GINEncoder(nn.Module):
-    """GIN over molecule graphs with bond features, mean readout (paper Sec. 4.2; Xu et al. 2019, Hu et al. 2020).
+    """GIN over molecule graphs with bond features, mean readout (MoleRec's encoder; Xu et al. 2019).
+
+    Hu et al. 2020 (OGB) define the categorical features and the layer used here.
 
     h⁰ = Σ_c Emb_c(atom feature c); layer l: h = MLP((1 + ε) h_i + Σ_j ReLU(h_j + e_ij)) with
     MLP = Linear(d, 2d) → BatchNorm → ReLU → Linear(2d, d), then BatchNorm, ReLU (all layers but
@@ -99,11 +103,12 @@ def distinct_rows(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SetAttentionBlock(nn.Module):
-    """SAB(X) = MAB(X, X) of the Set Transformer (Lee et al. 2019), the paper's substructure interaction.
+    """SAB(X) = MAB(X, X) of the Set Transformer (Lee et al. 2019): MoleRec's substructure interaction.
 
-    H = LayerNorm(X + Multihead(X, X, X)), SAB(X) = LayerNorm(H + ReLU(W H + b)) (paper Sec. 4.2,
-    which cites the Set Transformer). The authors' code departs from it: its residual adds the
-    projected queries W_Q X instead of X, and its output layer has neither ReLU nor residual.
+    H = LayerNorm(X + Multihead(X, X, X)), SAB(X) = LayerNorm(H + ReLU(W H + b)), Lee et al.'s
+    definition. The authors' code (``SetTransformer.py``, named after that paper) departs from it:
+    its residual adds the projected queries W_Q X instead of X, and its output layer has neither
+    ReLU nor residual. With the paper's text not at hand to arbitrate, the cited definition is used.
     """
 
     def __init__(self, dim: int, heads: int = 2):
@@ -154,24 +159,24 @@ def visit_ddi_counts(probs: torch.Tensor, ddi_adj: torch.Tensor, threshold: floa
 class MoleRec(MedRecModule):
     """MoleRec: patient-conditioned pooling of molecular substructures into drug representations.
 
-    Patient (Sec. 4.1): each visit's diagnoses and procedures are summed code embeddings (with
+    Patient representation: each visit's diagnoses and procedures are summed code embeddings (with
     dropout), two GRUs run over the visits and q_t = W ReLU([h^d_t ; h^p_t]) + b. The GRUs are
     causal, so every visit of every patient is predicted in one pass.
 
-    Molecules (Sec. 4.2): a GIN (:class:`GINEncoder`) embeds every molecule of the vocabulary;
+    Molecules: a GIN (:class:`GINEncoder`) embeds every molecule of the vocabulary;
     a drug's vector e_m is the mean of its molecules' vectors. A second GIN embeds every BRICS
     substructure (``datamodules.molecules.substructure_mask``: the fragments and the drug ×
     substructure mask H that SafeDrug uses) and a set-attention block lets substructures interact
     (:class:`SetAttentionBlock`), giving e_s.
 
-    Substructure relevancy (Sec. 4.3): w_t = σ(W_r q_t + b_r) ∈ (0, 1)^S re-scales each
+    Substructure relevancy: w_t = σ(W_r q_t + b_r) ∈ (0, 1)^S re-scales each
     substructure for the visit. Drug representation: attention of the drug's molecule over its
     own substructures, α_ms = softmax_{s: H_ms = 1}((W_Q e_m)·(W_K e_s) / √d), and
     r_tm = Σ_s α_ms w_ts e_s. The score is an MLP, logit_tm = W_2 ReLU(W_1 r_tm) (d → d/2 → 1).
     α and e_s do not depend on the patient: they are computed once per forward (once per
     evaluation while the weights stay unchanged) and r for all visits is one batched product.
 
-    Loss (Sec. 4.4): β_v (α L_bce + (1 − α) L_multi) + (1 − β_v) L_ddi per visit v, averaged over
+    Loss (DDI loss weight annealing): β_v (α L_bce + (1 − α) L_multi) + (1 − β_v) L_ddi per visit v, averaged over
     visits, with α = 1 − ``margin_weight`` (0.95) and L_ddi = ``ddi_loss_scale`` · Σ_ij A_ij p_i p_j
     (the code's 0.0005). β comes from :class:`callbacks.ddi_weight_annealing.DDIWeightAnnealing`
     attached to the fit (sets ``ddi_controller``); without one β = 1.
@@ -180,7 +185,7 @@ class MoleRec(MedRecModule):
         * the code's patient vector is [h^d ; h^p ; o^d ; o^p] with o the GRU's last output,
           which for a one-layer GRU equals its final state h: the same function of [h^d ; h^p]
           with a 4d-wide instead of 2d-wide linear layer; we use the 2d form.
-        * SAB as in the Set Transformer (see :class:`SetAttentionBlock`).
+        * SAB as Lee et al. define it (see :class:`SetAttentionBlock`).
         * the code steps once per visit; here once per batch of patients, with β per visit.
         * the code's categorical atom features are OGB's ``smiles2graph``; ours are
           torch-geometric's ``from_smiles`` (the same OGB-style atom and bond columns).
@@ -318,7 +323,7 @@ class MoleRec(MedRecModule):
 
     # --- patient -------------------------------------------------------------------------
     def patient_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """q_t for every visit (B, T, d) from the two causal GRUs (Sec. 4.1)."""
+        """q_t for every visit (B, T, d) from the two causal GRUs."""
         lengths = batch["lengths"].cpu()  # pack_padded_sequence takes its lengths on the CPU
         steps = batch["visit_mask"].shape[1]
         states = []
