@@ -351,3 +351,47 @@ def _write_cache(path, text: str) -> None:
         write_file(path, text)
     except OSError as err:
         log.debug("could not cache %s: %s", path, err)
+
+
+# --- categorical atom/bond features (OGB style) ----------------------------------------
+@dataclass(frozen=True)
+class FeatureGraphs:
+    """Molecules as graphs with categorical atom and bond features, batched for one GNN pass.
+
+    Features are torch-geometric's ``from_smiles`` (the OGB molecule featurisation that GIN
+    encoders such as MoleRec's use): ``x`` (N, 9) long atom features, ``edge_attr`` (E, 3) long
+    bond features, ``edge_index`` in both directions, ``batch`` the graph of every atom.
+    ``parsed`` lists the positions (in the input order) of the SMILES that rdkit could parse; the
+    batch holds one graph per parsed SMILES, in that order.
+    """
+
+    graphs: Batch
+    parsed: tuple[int, ...]
+
+
+def feature_graphs(smiles: Sequence[str]) -> FeatureGraphs:
+    """Featurise ``smiles`` (any molecules or fragments, BRICS dummy atoms included; cached)."""
+    return _feature_graphs(tuple(str(s) for s in smiles))
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_graphs(smiles: tuple[str, ...]) -> FeatureGraphs:
+    from torch_geometric.utils import from_smiles
+
+    parsed = [i for i, text in enumerate(smiles) if (mol := parse_smiles(text)) is not None and mol.GetNumAtoms()]
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        data = [from_smiles(smiles[i]) for i in parsed]
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    for graph in data:
+        del graph.smiles  # strings would be collated into a list the models never read
+    if data:
+        graphs = Batch.from_data_list(data)
+    else:
+        empty = torch.zeros(0, dtype=torch.long)
+        graphs = Batch(
+            x=empty.reshape(0, 9), edge_index=empty.reshape(2, 0), edge_attr=empty.reshape(0, 3), batch=empty,
+            ptr=torch.zeros(1, dtype=torch.long),
+        )  # fmt: skip
+    return FeatureGraphs(graphs=graphs, parsed=tuple(parsed))

@@ -7,6 +7,7 @@ from lightning_modules.leap import LEAP
 from lightning_modules.logistic_regression import LogisticRegression
 from lightning_modules.micron import MICRON
 from lightning_modules.miranda import MiranDa, MiranDaPredictor
+from lightning_modules.molerec import MoleRec
 from lightning_modules.nearest import DrugFrequency, Nearest
 from lightning_modules.raremed import RAREMed
 from lightning_modules.retain import RETAIN
@@ -27,4 +28,5 @@ __all__ = [
     "RAREMed",
     "MICRON",
     "LEAP",
+    "MoleRec",
 ]
