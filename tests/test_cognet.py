@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,9 @@ from datamodules.errors import OptionError
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import COGNet, Nearest
 from lightning_modules.cognet import drug_ranks
+from train import make_cli
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cognet.yaml")
 
 
 @pytest.fixture()
@@ -203,6 +208,15 @@ def test_validation_decodes_with_val_beam_size(data, monkeypatch):
     monkeypatch.setattr(COGNet, "beam_search", lambda self, enc, k: seen.append(k) or original(self, enc, k))
     model.predict_probabilities(first_batch(data))
     assert seen == [3]  # outside validation: beam_size
+
+
+def test_beam_size_can_change_at_test_time_from_a_checkpoint(tiny_cohort_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", CONFIG, f"--data.init_args.root={tiny_cohort_dir}", "--trainer.enable_progress_bar=false"]
+    fit = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    make_cli(["fit", *common, *fit, "--checkpoint.dirpath=ckpt", "--model.init_args.embedding_dim=16"])
+    tested = make_cli(["test", *common, "--ckpt_path=ckpt/last.ckpt", "--model.init_args.beam_size=2"])
+    assert tested.model.hparams.beam_size == 2 and tested.model.hparams.embedding_dim == 16
 
 
 # --- options and data ----------------------------------------------------------------------
