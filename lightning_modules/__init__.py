@@ -1,6 +1,7 @@
 """One LightningModule per method, on the shared base ``MedRecModule``."""
 
 from lightning_modules.base import MedRecModule
+from lightning_modules.cognet import COGNet
 from lightning_modules.dpr import DPRAG, DPRWG
 from lightning_modules.gamenet import GAMENet
 from lightning_modules.leap import LEAP
@@ -29,4 +30,5 @@ __all__ = [
     "MICRON",
     "LEAP",
     "MoleRec",
+    "COGNet",
 ]
