@@ -6,11 +6,11 @@ from typing import Literal
 
 import torch
 
-from callbacks.ddi_control import AttachedDDIControl
+from callbacks.ddi_control import DDIController
 from lightning_modules.step_logging import log_step_and_epoch
 
 
-class DDIWeightAnnealing(AttachedDDIControl):
+class DDIWeightAnnealing(DDIController):
     """β of MoleRec's loss β·L_acc + (1 − β)·L_ddi (Yang et al., WWW 2023, "DDI loss weight annealing").
 
     With r the DDI rate of the thresholded prediction and γ the target rate,
@@ -29,6 +29,7 @@ class DDIWeightAnnealing(AttachedDDIControl):
     rate and one β, as SafeDrug's controller does. Per-visit β needs no communication: each
     rank weighs its own visits.
 
+    Given as the run's ``ddi_controller`` (``--ddi_controller.init_args.target_ddi=0.05``).
     Protocol: the LightningModule has a ``ddi_controller`` attribute; this callback occupies it
     for the fit and the module calls :meth:`weights` once per training step with the per-visit
     (interacting, all) predicted pair counts. The mean β and the pooled batch rate are logged
@@ -90,5 +91,5 @@ class DDIWeightAnnealing(AttachedDDIControl):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.beta = float(state_dict["beta"])
-        self.ddi_rate = float(state_dict.get("ddi_rate", 0.0))
-        self.steps = int(state_dict.get("steps", 0))
+        self.ddi_rate = float(state_dict["ddi_rate"])
+        self.steps = int(state_dict["steps"])

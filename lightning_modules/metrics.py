@@ -197,18 +197,30 @@ def _symmetric_adjacency(ddi_adj: Tensor) -> Tensor:
     return sym.float()
 
 
-def _pair_counts(pred: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-patient (B,) counts of interacting and of all unordered predicted drug pairs."""
+def _visit_pair_counts(pred: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-visit (...,) counts of interacting and of all unordered pairs of the bool (..., M)
+    predicted sets; ``adj`` as ``_symmetric_adjacency`` makes it."""
     if pred.shape[-1] != adj.shape[0]:
         raise ValueError(f"`probs` has {pred.shape[-1]} drugs but `ddi_adj` has {adj.shape[0]}")
     pred_f = pred.to(adj.dtype)
     n_pred = pred.sum(-1).long()
-    all_pairs = (n_pred * (n_pred - 1) // 2).sum(-1)
     # x^T A x counts every interacting pair twice since A is symmetric with a zero diagonal;
     # per-visit values are small integers, hence exact in float before rounding
     ordered = ((pred_f @ adj) * pred_f).sum(-1).round().long()
-    ddi_pairs = (ordered // 2).sum(-1)
-    return ddi_pairs, all_pairs
+    return ordered // 2, n_pred * (n_pred - 1) // 2
+
+
+def _pair_counts(pred: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-patient (B,) counts of interacting and of all unordered predicted drug pairs."""
+    ddi_pairs, all_pairs = _visit_pair_counts(pred, adj)
+    return ddi_pairs.sum(-1), all_pairs.sum(-1)
+
+
+def visit_ddi_counts(probs: Tensor, ddi_adj: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+    """(interacting, all) unordered pairs of each visit's thresholded drug set, (..., M) -> (...,):
+    the per-visit DDI rates MoleRec's weight annealing reads, counted as the DDI-rate metric counts."""
+    with float32(probs):
+        return _visit_pair_counts(probs.float() >= threshold, _symmetric_adjacency(ddi_adj).to(probs.device))
 
 
 def batch_pair_counts(

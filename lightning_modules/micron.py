@@ -34,8 +34,8 @@ from datamodules.knowledge import CohortKnowledge
 from datamodules.options import DropoutRate, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, check_range
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
+from lightning_modules.metrics import batch_pair_counts
 from lightning_modules.precision import float32
-from lightning_modules.safedrug import predicted_ddi_counts
 from lightning_modules.visit_ops import margin_targets, previous_visit
 
 
@@ -233,7 +233,7 @@ class MICRON(MedRecModule):
             probs = torch.sigmoid(current)
             ddi = ddi_loss(probs, self.ddi_adj, mask) / self.num_medications
             with torch.no_grad():
-                pairs, all_pairs = predicted_ddi_counts(probs, mask, self.ddi_adj)
+                pairs, all_pairs = batch_pair_counts(probs, mask, self.ddi_adj)
                 gate = (pairs > hp.ddi_target * all_pairs).to(ddi.dtype)
             out = {"bce": bce, "margin": margin, "rec": rec, "ddi": ddi}
             out["loss"] = (1 - hp.margin_weight) * bce + hp.margin_weight * margin + hp.rec_weight * rec

@@ -31,6 +31,7 @@ from datamodules.molecules import (
 )
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
+from lightning_modules.metrics import visit_ddi_counts
 from lightning_modules.precision import float32
 from lightning_modules.required_knowledge import require_ddi_pairs
 from lightning_modules.visit_ops import margin_targets
@@ -147,13 +148,6 @@ def masked_attention(queries: torch.Tensor, keys: torch.Tensor, members: torch.T
     """
     scores = (queries.unsqueeze(1) * keys[members]).sum(-1) / math.sqrt(queries.shape[-1])
     return torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-
-
-def visit_ddi_counts(probs: torch.Tensor, ddi_adj: torch.Tensor, threshold: float = 0.5):
-    """(interacting, all) unordered pairs of each thresholded predicted drug set: (V, M) -> (V,), (V,)."""
-    pred = (probs >= threshold).to(ddi_adj.dtype)
-    n = pred.sum(-1)
-    return ((pred @ ddi_adj) * pred).sum(-1) / 2, n * (n - 1) / 2
 
 
 class MoleRec(MedRecModule):

@@ -13,7 +13,8 @@ from callbacks.ddi_weight_annealing import DDIWeightAnnealing
 from datamodules.cohort import CohortError
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import MoleRec, Nearest
-from lightning_modules.molerec import drug_members, masked_attention, visit_ddi_counts
+from lightning_modules.metrics import visit_ddi_counts
+from lightning_modules.molerec import drug_members, masked_attention
 
 pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 SMALL = dict(embedding_dim=16, gnn_layers=2, heads=2)

@@ -53,12 +53,12 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             )
         if not 0.0 <= cooccurrence_threshold < 1.0:
             raise ValueError(f"cooccurrence_threshold must lie in [0, 1), got {cooccurrence_threshold}")
-        self.negative_packages = negative_packages
-        self.similar_patients = similar_patients
-        self.cooccurrence_threshold = cooccurrence_threshold
+        self.negative_packages = int(negative_packages)  # parsed range types -> builtins
+        self.similar_patients = int(similar_patients)
+        self.cooccurrence_threshold = float(cooccurrence_threshold)
         self.relations_csv = relations_csv
         self.ddi_as_antagonism = ddi_as_antagonism
-        self.note_vocab_size = note_vocab_size
+        self.note_vocab_size = int(note_vocab_size)
         self._table: VisitTable | None = None
         self._split_rows: dict[str, list[list[int]]] = {}
 
@@ -162,9 +162,10 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             patient_key=table.patient_key[rows],
             package_id=table.package_id[rows],
             packages=[table.package[first[pid]] for pid in sorted(first)],  # ids are 0..P-1, first-seen order
-            similar_patients=self.similar_patients,
-            batch_size=self.batch_size,
-            seed=self.seed,
+            # plain ints: the knowledge goes into checkpoints, which load with weights_only
+            similar_patients=int(self.similar_patients),
+            batch_size=int(self.batch_size),
+            seed=int(self.seed),
         )
 
     def candidate_pool(self) -> dict:
