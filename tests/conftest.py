@@ -119,3 +119,10 @@ def fit_and_test(model, datamodule, epochs: int, callbacks=()) -> dict:
     trainer = quiet_trainer(max_epochs=epochs, callbacks=list(callbacks))
     trainer.fit(model, datamodule=datamodule)
     return trainer.test(model, datamodule=datamodule, verbose=False)[0]
+
+
+def batch_tensors(batch: dict) -> dict:
+    """The tensor entries of a visit batch (it also carries the patient and visit id lists)."""
+    import torch
+
+    return {k: v for k, v in batch.items() if torch.is_tensor(v)}

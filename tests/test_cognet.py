@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import first_batch, fit_and_test, handmade_datamodule
+from conftest import batch_tensors, first_batch, fit_and_test, handmade_datamodule
 
 from datamodules.errors import OptionError
 from datamodules.visit_sequence import VisitSequenceDataModule
@@ -31,7 +31,7 @@ def small_model(knowledge, **kwargs):
 def subset(batch: dict, rows: list[int]) -> dict:
     """The patients ``rows`` of a batch, trimmed to their own longest visit sequence."""
     steps = int(batch["lengths"][rows].max())
-    return {k: v[rows][:, :steps] if v.dim() > 1 else v[rows] for k, v in batch.items()}
+    return {k: v[rows][:, :steps] if v.dim() > 1 else v[rows] for k, v in batch_tensors(batch).items()}
 
 
 def earlier_drugs(batch: dict) -> torch.Tensor:
@@ -100,7 +100,7 @@ def test_prediction_at_t_ignores_later_visits(data):
     batch = first_batch(data)
     model = small_model(data.knowledge).eval()
     row = int(batch["lengths"].argmax())
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() for k, v in batch_tensors(batch).items()}
     changed["medications"][row, -1] = 1 - changed["medications"][row, -1]
     changed["diagnoses"][row, -1] = (changed["diagnoses"][row, -1] + 1) % 3
     last = int(batch["lengths"][row]) - 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import first_batch, fit_and_test, handmade_datamodule
+from conftest import batch_tensors, first_batch, fit_and_test, handmade_datamodule
 
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import LEAP, DrugFrequency
@@ -82,7 +82,7 @@ def test_decoding_ends_by_itself_and_batching_changes_nothing(data):
     together = model.predict_probabilities(batch)
     for b in range(len(batch["lengths"])):
         n = int(batch["lengths"][b])
-        single = {k: v[b : b + 1, :n] if v.dim() > 1 else v[b : b + 1] for k, v in batch.items()}
+        single = {k: v[b : b + 1, :n] if v.dim() > 1 else v[b : b + 1] for k, v in batch_tensors(batch).items()}
         torch.testing.assert_close(model.predict_probabilities(single)[0], together[b, :n], atol=1e-5, rtol=1e-5)
 
 
@@ -92,13 +92,13 @@ def test_a_visit_depends_on_its_own_diagnoses_only(data):
     batch = first_batch(data)
     b = int(torch.argmax(batch["lengths"]))
     before = model(batch)
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() for k, v in batch_tensors(batch).items()}
     changed["medications"][b] = 1 - changed["medications"][b]
     changed["procedures"][b] = (changed["procedures"][b] + 1) % data.knowledge.num_procedures
     changed["diagnoses"][b, 2] = (changed["diagnoses"][b, 2] + 1) % data.knowledge.num_diagnoses
     after = model(changed)
     torch.testing.assert_close(before[b, :2], after[b, :2])
-    empty = {k: v.clone() for k, v in batch.items()}
+    empty = {k: v.clone() for k, v in batch_tensors(batch).items()}
     empty["diagnoses_mask"][b] = False  # no diagnosis: zero context, no NaN
     assert torch.isfinite(model.predict_probabilities(empty)).all()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import first_batch, fit_and_test, handmade_datamodule
+from conftest import batch_tensors, first_batch, fit_and_test, handmade_datamodule
 
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import MICRON, DrugFrequency
@@ -69,7 +69,7 @@ def test_visit_t_sees_the_recorded_drugs_of_t_minus_1_and_nothing_later(data):
     batch = first_batch(data)
     b = int(torch.argmax(batch["lengths"]))  # a patient with 3 visits
     before = model.predict_probabilities(batch)
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() for k, v in batch_tensors(batch).items()}
     changed["medications"][b, 1] = 1 - changed["medications"][b, 1]
     changed["diagnoses"][b, 2] = (changed["diagnoses"][b, 2] + 1) % data.knowledge.num_diagnoses
     after = model.predict_probabilities(changed)
@@ -85,7 +85,7 @@ def test_loss_terms_and_reconstruction_only_after_the_first_visit(data):
     losses = model.compute_loss(model.representations(batch), batch)
     assert set(losses) == {"bce", "margin", "rec", "ddi", "loss"}
     assert all(torch.isfinite(v) for v in losses.values()) and losses["rec"] > 0
-    first_only = {k: (v[:, :1] if v.dim() > 1 else v) for k, v in batch.items()}
+    first_only = {k: (v[:, :1] if v.dim() > 1 else v) for k, v in batch_tensors(batch).items()}
     assert model.compute_loss(model.representations(first_only), first_only)["rec"] == 0
     no_extra = MICRON(knowledge=data.knowledge, embedding_dim=8, rec_weight=0.0, ddi_weight=0.0)
     no_extra.load_state_dict(model.state_dict())

@@ -7,7 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import first_batch, fit_and_test, quiet_trainer, write_cohort
+from conftest import batch_tensors, first_batch, fit_and_test, quiet_trainer, write_cohort
 
 from callbacks.ddi_weight_annealing import DDIWeightAnnealing
 from datamodules.cohort import CohortError
@@ -38,7 +38,7 @@ def test_every_visit_is_predicted_causally_and_batching_changes_nothing(data):
     b = int(torch.argmax(batch["lengths"]))
     last = int(batch["lengths"][b]) - 1
     assert last >= 1
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() for k, v in batch_tensors(batch).items()}
     changed["diagnoses"][b, last] = (changed["diagnoses"][b, last] + 1) % data.knowledge.num_diagnoses
     changed["medications"][b, : last + 1] = 1 - changed["medications"][b, : last + 1]  # targets are not inputs
     after = model(changed)
@@ -46,7 +46,7 @@ def test_every_visit_is_predicted_causally_and_batching_changes_nothing(data):
     assert not torch.allclose(after[b, last], logits[b, last])
     for b in range(3):  # one patient at a time gives the same logits
         n = int(batch["lengths"][b])
-        single = {k: v[b : b + 1, :n] if v.dim() > 1 else v[b : b + 1] for k, v in batch.items()}
+        single = {k: v[b : b + 1, :n] if v.dim() > 1 else v[b : b + 1] for k, v in batch_tensors(batch).items()}
         torch.testing.assert_close(model(single)[0], logits[b, :n], atol=1e-5, rtol=1e-5)
 
 
@@ -131,7 +131,7 @@ def test_loss_mixes_accuracy_and_ddi_per_visit(data):
     mixed = model.compute_loss(logits, batch, beta)["loss"].item()
     target = batch["medications"][batch["visit_mask"]][0]
     bce0 = torch.nn.functional.binary_cross_entropy(p[0], target).item()
-    single = {k: v[:1, :1] if v.dim() > 1 else v[:1] for k, v in batch.items()}
+    single = {k: v[:1, :1] if v.dim() > 1 else v[:1] for k, v in batch_tensors(batch).items()}
     first_visit = model.compute_loss(logits[:1, :1], single, 1.0)
     assert first_visit["bce"].item() == pytest.approx(bce0, rel=1e-4)
     assert mixed == pytest.approx((first_visit["loss"].item() + sum(by_hand[1:])) / len(p), rel=1e-4)

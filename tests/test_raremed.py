@@ -7,7 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import fit_and_test, quiet_trainer
+from conftest import batch_tensors, fit_and_test, quiet_trainer
 from lightning.pytorch.callbacks import EarlyStopping
 
 from datamodules.errors import OptionError
@@ -40,7 +40,7 @@ def test_logits_cover_every_visit_and_each_visit_is_encoded_on_its_own(data):
     assert torch.all(logits[~batch["visit_mask"]] == 0)
     # a visit depends on its own codes only: changing another visit's diagnoses leaves it unchanged
     row = int(torch.nonzero(batch["lengths"] >= 2)[0])
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() for k, v in batch_tensors(batch).items()}
     changed["diagnoses"][row, 1] = (changed["diagnoses"][row, 1] + 1) % data.knowledge.num_diagnoses
     again = model(changed)
     torch.testing.assert_close(again[row, 0], logits[row, 0], rtol=1e-5, atol=1e-5)
