@@ -111,18 +111,18 @@ class TrainingStays:
         )
 
 
-def drug_prevalence(medication_sets, num_medications: int) -> np.ndarray:
-    """Share of ``medication_sets`` (training visits) that hold each drug."""
-    counts = np.zeros(num_medications, np.float32)
-    for drugs in medication_sets:
-        counts[np.unique(np.asarray(drugs, np.int64))] += 1.0
-    return counts / max(len(medication_sets), 1)
+def prevalence(code_sets, size: int) -> np.ndarray:
+    """Share of ``code_sets`` (the training visits' drugs, or diagnoses) that hold each code."""
+    counts = np.zeros(size, np.float32)
+    for codes in code_sets:
+        counts[np.unique(np.asarray(codes, np.int64))] += 1.0
+    return counts / max(len(code_sets), 1)
 
 
 @dataclass
 class CohortKnowledge:
     """Vocabularies, DDI adjacency, molecules, relations, and what the training split tells:
-    co-prescription graph (``ehr_adj``), drug prevalence, and the training stays of ELOS
+    co-prescription graph (``ehr_adj``), drug and diagnosis prevalence, and the training stays of ELOS
     (``training_stays``, only when the cohort has ages and lengths of stay)."""
 
     vocab: dict[str, list[str]]
@@ -134,6 +134,7 @@ class CohortKnowledge:
     fields: frozenset[str] = frozenset()
     source: str = "unknown"
     drug_prevalence: np.ndarray | None = None
+    diagnosis_prevalence: np.ndarray | None = None
     training_stays: TrainingStays | None = None
 
     def __post_init__(self) -> None:
@@ -191,6 +192,9 @@ class CohortKnowledge:
             "fields": sorted(self.fields),
             "source": self.source,
             "drug_prevalence": None if self.drug_prevalence is None else torch.from_numpy(self.drug_prevalence),
+            "diagnosis_prevalence": (
+                None if self.diagnosis_prevalence is None else torch.from_numpy(self.diagnosis_prevalence)
+            ),
             "training_stays": None if self.training_stays is None else self.training_stays.to_state(),
         }
 
@@ -207,6 +211,11 @@ class CohortKnowledge:
             source=state.get("source", "checkpoint"),
             drug_prevalence=(
                 None if state.get("drug_prevalence") is None else torch.as_tensor(state["drug_prevalence"]).numpy()
+            ),
+            diagnosis_prevalence=(
+                None
+                if state.get("diagnosis_prevalence") is None
+                else torch.as_tensor(state["diagnosis_prevalence"]).numpy()
             ),
             training_stays=(
                 None if state.get("training_stays") is None else TrainingStays.from_state(state["training_stays"])

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cohort import CODE_COLUMNS, Cohort, CohortError
 from datamodules.errors import OptionError
-from datamodules.knowledge import CohortKnowledge, TrainingStays, co_prescription_adjacency, drug_prevalence
+from datamodules.knowledge import CohortKnowledge, TrainingStays, co_prescription_adjacency, prevalence
 from datamodules.options import ClosedUnitInterval, NonNegativeInt, PositiveInt, plain
 from datamodules.sources import Source, resolve_cohort
 from datamodules.synthetic import SyntheticSpec
@@ -304,7 +304,10 @@ class VisitSequenceDataModule(L.LightningDataModule):
                 medication_names=cohort.medication_names,
                 fields=frozenset(cohort.fields),
                 source=cohort.source,
-                drug_prevalence=drug_prevalence([m for s in sequences.samples for m in s["medications"]], n_med),
+                drug_prevalence=prevalence([m for s in sequences.samples for m in s["medications"]], n_med),
+                diagnosis_prevalence=prevalence(
+                    [d for s in sequences.samples for d in s["diagnoses"]], cohort.vocab_size("diagnosis")
+                ),
                 training_stays=TrainingStays.from_sequences(sequences) if has_stays else None,
             )
         return self._knowledge

@@ -241,17 +241,13 @@ class COGNet(MedRecModule):
 
     def _set_drug_rank(self) -> None:
         order = self.hparams.drug_order
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if order == "index" or datamodule is None or not hasattr(datamodule, "dataset"):
+        shares = self.knowledge.drug_prevalence  # share of training visits per drug (the training split)
+        if order == "index" or shares is None:
             if order != "index":
-                log.warning("COGNet: no DataModule to count training drugs from; drugs keep the vocabulary order")
+                log.warning("COGNet: the knowledge has no training drug prevalence; drugs keep the vocabulary order")
             self.drug_rank.copy_(torch.arange(self.num_medications))
             return
-        counts = np.zeros(self.num_medications)
-        for sample in datamodule.dataset("train").samples:
-            for drugs in sample["medications"]:
-                counts[drugs] += 1
-        self.drug_rank.copy_(torch.as_tensor(drug_ranks(counts, order)))
+        self.drug_rank.copy_(torch.as_tensor(drug_ranks(np.asarray(shares, np.float64), order)))
 
     def drug_sequences(self, medications: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, M) multi-hot -> (N, L) drug indices in ``drug_order`` and (N, L) real-slot mask, L = largest set."""

@@ -73,7 +73,9 @@ CLS, SEP = 0, 1  # rows of the special-token embedding
 
 def visit_rarity(diagnoses: Tensor, mask: Tensor, counts: Tensor) -> Tensor:
     """Rarity of each visit: max over its diagnoses of 1 / (training count), inf for an unseen
-    code, 0 for a visit without diagnoses. ``diagnoses``/``mask`` (..., L), ``counts`` (V,)."""
+    code, 0 for a visit without diagnoses. ``diagnoses``/``mask`` (..., L), ``counts`` (V,): the
+    training visits per code or their share (the knowledge's ``diagnosis_prevalence``; the same
+    order of visits)."""
     per_code = 1.0 / counts.to(torch.float64)[diagnoses]  # 1/0 = inf: never seen in training
     per_code = torch.where(mask, per_code, torch.zeros_like(per_code))
     return per_code.amax(-1) if per_code.shape[-1] else per_code.sum(-1)
@@ -167,8 +169,9 @@ class RAREMed(MedRecModule):
         if pretrain_epochs == 0:  # never used: no gradient (DDP stops at trainable unused parameters)
             self.smp_head.requires_grad_(False)
             self.sr_head.requires_grad_(False)
-        # training-split visits per diagnosis code, for the rarity report (filled in setup)
-        self.register_buffer("diagnosis_counts", torch.zeros(self.num_diagnoses, dtype=torch.long))
+        # share of training-split visits per diagnosis code, for the rarity report (zeros: no report)
+        shares = torch.zeros(self.num_diagnoses) if k.diagnosis_prevalence is None else k.diagnosis_prevalence
+        self.register_buffer("diagnosis_prevalence", torch.as_tensor(shares, dtype=torch.float64))
         self.test_rarity = CatMetric()
         self.test_visit_jaccard = CatMetric()
         self.test_visit_key = CatMetric()
@@ -304,25 +307,14 @@ class RAREMed(MedRecModule):
             )
 
     # --- rarity report -------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if stage != "fit" or datamodule is None or not hasattr(datamodule, "dataset"):
-            return
-        counts = torch.zeros(self.num_diagnoses, dtype=torch.long, device="cpu")
-        for sample in datamodule.dataset("train").samples:
-            for codes in sample["diagnoses"]:
-                counts[torch.from_numpy(codes).unique()] += 1  # visits with the code
-        self.diagnosis_counts.copy_(counts)
-
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
-        if not bool(self.diagnosis_counts.any()):
+        if not bool(self.diagnosis_prevalence.any()):
             return
         mask = batch["visit_mask"]
         probs = self.predict_probabilities(batch).float()
         jaccard = visit_scores(probs, batch["medications"], mask, self.threshold)["jaccard"]
-        rarity = visit_rarity(batch["diagnoses"], batch["diagnoses_mask"], self.diagnosis_counts)
+        rarity = visit_rarity(batch["diagnoses"], batch["diagnoses_mask"], self.diagnosis_prevalence)
         visit = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         key = batch["patient_index"][:, None] * 1000 + visit  # stable order whatever the rank split (exact in float32)
         self.test_rarity.update(rarity[mask])
@@ -331,8 +323,8 @@ class RAREMed(MedRecModule):
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
-        if not bool(self.diagnosis_counts.any()):
-            log.warning("RAREMed: no training-split diagnosis counts; the rarity report is skipped")
+        if not bool(self.diagnosis_prevalence.any()):
+            log.warning("RAREMed: no training-split diagnosis prevalence; the rarity report is skipped")
             return
         rarity = self.test_rarity.compute().reshape(-1)
         jaccard = self.test_visit_jaccard.compute().reshape(-1)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.cohort import CODE_COLUMNS
 from datamodules.drug_relations import merge_relations, read_relation_csv
-from datamodules.knowledge import co_prescription_adjacency, drug_prevalence
+from datamodules.knowledge import co_prescription_adjacency, prevalence
 from datamodules.options import NonNegativeInt, PositiveInt
 from datamodules.package_graph.collate import PairCollator, PatientCollator
 from datamodules.package_graph.descriptions import VisitTable, document_vocabulary, note_vocabulary, visit_documents
@@ -129,7 +129,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             train_packages = [np.unique(np.asarray(cohort.visits["medications"].iloc[r], np.int64)) for r in train]
             ddi = cohort.ddi_adjacency()
             extra = read_relation_csv(self.relations_csv, cohort.vocab["medication"]) if self.relations_csv else None
-            popularity = drug_prevalence(train_packages, n_med)
+            popularity = prevalence(train_packages, n_med)
             self._knowledge = PackageKnowledge(
                 vocab={name: list(cohort.vocab[name]) for name in CODE_COLUMNS},
                 ddi_adj=ddi,
