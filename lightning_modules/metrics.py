@@ -188,7 +188,8 @@ def _predicted_sets(probs: Tensor, visit_mask: Tensor, threshold: float) -> Tens
 
 
 def _symmetric_adjacency(ddi_adj: Tensor) -> Tensor:
-    adj = torch.as_tensor(ddi_adj)
+    # a tensor stays where it is (torch.as_tensor would move it to a default device set by the caller)
+    adj = ddi_adj if torch.is_tensor(ddi_adj) else torch.as_tensor(ddi_adj)
     if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:
         raise ValueError(f"`ddi_adj` must be a square (M, M) matrix, got {tuple(adj.shape)}")
     # SafeDrug counts a pair if either A[i, j] or A[j, i] is set, and never a drug with itself
