@@ -353,8 +353,12 @@ class VisitSequenceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.loader_pins_memory(),
             persistent_workers=self.num_workers > 0,
-            collate_fn=VisitCollator(self.knowledge.num_medications),
+            collate_fn=self._collator(),
         )
+
+    def _collator(self):
+        """What turns a list of patients into a batch (subclasses with another batch layout override it)."""
+        return VisitCollator(self.knowledge.num_medications)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

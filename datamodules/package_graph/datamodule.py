@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from datamodules.cohort import CODE_COLUMNS
@@ -202,23 +200,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             collate_fn=self.pair_collator(negatives),
         )
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(name)
-        sampler = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # each evaluation patient on exactly one rank (the default sampler repeats some)
-            world = torch.distributed.get_world_size()
-            if world > 1:
-                sampler = UnrepeatedDistributedSampler(
-                    dataset, num_replicas=world, rank=torch.distributed.get_rank(), shuffle=False
-                )
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.loader_pins_memory(),
-            persistent_workers=self.num_workers > 0,
-            collate_fn=PatientCollator(self.table, self.knowledge.num_medications),
-        )
+    def _collator(self):
+        """Evaluation batches (validation, test, predict): every visit of each patient, with packages;
+        the parent's loader gives each evaluation patient to exactly one DDP rank."""
+        return PatientCollator(self.table, self.knowledge.num_medications)
