@@ -17,7 +17,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch_geometric.nn import GINEConv, global_mean_pool
 from torch_geometric.utils import scatter
 from torch_geometric.utils.smiles import e_map, x_map
@@ -34,7 +33,7 @@ from lightning_modules.base import MedRecModule
 from lightning_modules.metrics import visit_ddi_counts
 from lightning_modules.precision import float32
 from lightning_modules.required_knowledge import require_ddi_pairs
-from lightning_modules.visit_ops import margin_targets
+from lightning_modules.visit_ops import causal_gru, margin_targets
 
 log = logging.getLogger(__name__)
 
@@ -318,17 +317,13 @@ class MoleRec(MedRecModule):
     # --- patient -------------------------------------------------------------------------
     def patient_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """q_t for every visit (B, T, d) from the two causal GRUs."""
-        lengths = batch["lengths"].cpu()  # pack_padded_sequence takes its lengths on the CPU
-        steps = batch["visit_mask"].shape[1]
-        states = []
-        for gru, embedding, key in (
-            (self.diag_gru, self.diag_embedding, "diagnoses"),
-            (self.proc_gru, self.proc_embedding, "procedures"),
-        ):
-            visits = self._visit_sums(embedding, batch[key], batch[f"{key}_mask"])
-            packed = pack_padded_sequence(visits, lengths, batch_first=True, enforce_sorted=False)
-            out, _ = pad_packed_sequence(gru(packed)[0], batch_first=True, total_length=steps)
-            states.append(out)
+        states = [
+            causal_gru(gru, self._visit_sums(embedding, batch[key], batch[f"{key}_mask"]), batch["lengths"])
+            for gru, embedding, key in (
+                (self.diag_gru, self.diag_embedding, "diagnoses"),
+                (self.proc_gru, self.proc_embedding, "procedures"),
+            )
+        ]
         return self.query_norm(self.query(torch.cat(states, dim=-1)))
 
     def _visit_sums(self, embedding: nn.Embedding, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 def multi_hot(codes: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -33,3 +34,10 @@ def margin_targets(target: torch.Tensor) -> torch.Tensor:
     positives = target.sum(-1, keepdim=True).long()
     positions = torch.arange(target.shape[-1], device=target.device).expand_as(order)
     return torch.where(positions < positives, order, torch.full_like(order, -1))
+
+
+def causal_gru(gru: nn.GRU, visits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """States of a batch-first ``gru`` over each patient's (B, T, d) visit vectors, (B, T, h): state t
+    sees visits 1..t only, and padding visits never enter (packed by ``lengths``, kept on the CPU)."""
+    packed = pack_padded_sequence(visits, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    return pad_packed_sequence(gru(packed)[0], batch_first=True, total_length=visits.shape[1])[0]
