@@ -2,23 +2,8 @@
 
 Models predict the drug set of every visit t at once from diagnoses/procedures of visits <= t
 and drugs of visits < t (causality is the model's job; the batch carries the full sequence).
-A batch is a dict of padded tensors:
-
-=================  ==============  ==========================================================
-key                shape           meaning
-=================  ==============  ==========================================================
-diagnoses          (B, T, Ld) long diagnosis indices, 0-padded; ``diagnoses_mask`` marks real
-procedures         (B, T, Lp) long procedure indices; ``procedures_mask``
-labs               (B, T, Ll) long abnormal-lab indices; ``labs_mask`` (all False without labs)
-medications        (B, T, M) float multi-hot drug set of each visit (target and history)
-visit_mask         (B, T) bool     real visits
-lengths            (B,) long       visits per patient
-age, los           (B, T) float    NaN where unknown
-gender             (B,) long       0 unknown, 1 female, 2 male
-patient_index      (B,) long       row in ``patient_ids`` of the split
-patient_ids        list[str] (B)   the patients' cohort ids (records name them)
-visit_ids          list[list[str]] each patient's visit ids, in visit order (B lists of its T_b)
-=================  ==============  ==========================================================
+A batch is a dict of padded tensors, one row per patient: ``datamodules.batches.VisitBatch``
+(each key's dtype, shape and meaning there; tests/test_batches.py holds the collator to it).
 """
 
 from __future__ import annotations
@@ -33,6 +18,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.batches import VisitBatch
 from datamodules.cohort import CODE_COLUMNS, Cohort, CohortError
 from datamodules.errors import OptionError
 from datamodules.knowledge import CohortKnowledge, TrainingStays, co_prescription_adjacency, prevalence
@@ -110,10 +96,10 @@ class VisitCollator:
     def __init__(self, num_medications: int):
         self.num_medications = num_medications
 
-    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict]) -> VisitBatch:
         lengths = np.array([len(s["medications"]) for s in samples])
         batch_size, max_t = len(samples), int(lengths.max())
-        batch: dict[str, torch.Tensor] = {}
+        batch = {}
         for col in SEQUENCE_COLUMNS:
             width = max(1, max((len(v) for s in samples for v in s[col]), default=1))
             codes = np.zeros((batch_size, max_t, width), np.int64)

@@ -1,10 +1,12 @@
 """Shared LightningModule for multi-label medication recommendation.
 
-Subclasses implement ``forward(batch) -> logits (B, T, M)`` for every visit of every patient
-(respecting causality: visit t may use diagnoses/procedures up to t and drugs before t) and may
-override ``compute_loss``. This base owns the rest of the protocol so every method is
+Subclasses implement ``forward(batch) -> logits (B, T, M)`` for every visit of every patient of a
+``VisitBatch`` (respecting causality: visit t may use diagnoses/procedures up to t and drugs before t)
+and may override ``compute_loss``. This base owns the rest of the protocol so every method is
 evaluated the same way: thresholding, the SafeDrug-reference metrics, the bootstrap test
-protocol, prediction records and the cohort-knowledge check on checkpoints.
+protocol, prediction records and the cohort-knowledge check on checkpoints. Its evaluation steps
+read only the ``PatientBatch`` keys (targets, visit mask, ids; ``datamodules/batches.py``), so they
+serve every layout that extends it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import CatMetric
 
+from datamodules.batches import PatientBatch, VisitBatch
 from datamodules.cohort import CohortError
 from datamodules.errors import MedRecError
 from datamodules.knowledge import CohortKnowledge
@@ -59,7 +62,7 @@ def restore_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def visit_ids(batch: dict, b: int, t: int) -> dict:
+def visit_ids(batch: PatientBatch, b: int, t: int) -> dict:
     """``patient_id`` and ``visit_id`` of visit ``t`` of batch row ``b``: the ids the collator put in
     the batch (``patient_ids``, ``visit_ids``), else the patient's index and the visit's position."""
     if "patient_ids" in batch and "visit_ids" in batch:
@@ -131,15 +134,15 @@ class MedRecModule(L.LightningModule):
         destroy_process_group_at_exit(self.trainer)
 
     # --- hooks for subclasses ------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+    def forward(self, batch: VisitBatch) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_probabilities(self, batch: VisitBatch) -> torch.Tensor:
         logits = self(batch)
         with float32(logits):
             return torch.sigmoid(logits.float())
 
-    def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def compute_loss(self, logits: torch.Tensor, batch: VisitBatch) -> dict[str, torch.Tensor]:
         """Returns a dict with the total under ``loss``; the other entries are logged."""
         with float32(logits):
             mask = batch["visit_mask"]
@@ -155,7 +158,7 @@ class MedRecModule(L.LightningModule):
             return out
 
     # --- loops ---------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(self(batch), batch)
         self.log_train_losses(losses, batch_size=len(batch["lengths"]))
         return losses["loss"]
@@ -186,7 +189,7 @@ class MedRecModule(L.LightningModule):
                     "the cohort's numeric fields"
                 )
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: PatientBatch, batch_idx: int) -> None:
         probs = self.predict_probabilities(batch)
         with float32(probs):
             self.val_metrics.update(probs=probs.float(), target=batch["medications"], visit_mask=batch["visit_mask"])
@@ -194,7 +197,7 @@ class MedRecModule(L.LightningModule):
         for name, metric in self.val_metrics.items():
             self.log(name, metric, prog_bar=name == "val_jaccard", batch_size=size)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: PatientBatch, batch_idx: int) -> None:
         probs = self.predict_probabilities(batch)
         with float32(probs):
             self.test_table.update(probs.float(), batch["medications"], batch["visit_mask"])
@@ -218,7 +221,7 @@ class MedRecModule(L.LightningModule):
         self.test_table.reset()
         self.test_order.reset()
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: PatientBatch, batch_idx: int) -> list[dict]:
         """One record per visit: ids, recommended drugs (codes, names, probabilities), DDI pairs,
         and the drugs the visit recorded (the batch's target) with the Jaccard against them."""
         threshold = check_threshold(self.threshold, "threshold (--model.init_args.threshold)")
@@ -231,7 +234,7 @@ class MedRecModule(L.LightningModule):
             records.append({**visit_ids(batch, b, t), **record})
         return records
 
-    def collate_histories(self, samples: list[dict]) -> dict:
+    def collate_histories(self, samples: list[dict]) -> VisitBatch:
         """The batch of patients given as ``PatientSequences`` samples (``Recommender`` builds them
         from codes): the visit-sequence layout; models that read another layout override it."""
         return VisitCollator(self.num_medications)(samples)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datamodules.batches import VisitBatch
 from datamodules.errors import OptionError
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
@@ -269,7 +270,7 @@ class COGNet(MedRecModule):
         vectors = self.embedding_dropout(embedding(codes)) * mask.unsqueeze(-1).to(embedding.weight.dtype)
         return encoder(vectors, src_key_padding_mask=padding), padding
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> EncodedVisits:
+    def encode(self, batch: VisitBatch) -> EncodedVisits:
         """Encoders and copy sources of every real visit, all patients at once."""
         visit_mask = batch["visit_mask"]
         patient, step = visit_mask.nonzero(as_tuple=True)
@@ -357,7 +358,7 @@ class COGNet(MedRecModule):
         out = hidden.new_zeros(*hidden.shape[:2], self.num_medications + 1)
         return out.scatter_add_(-1, encoded.copy_drugs[:, None, :].expand_as(attention), attention)
 
-    def teacher_forced(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def teacher_forced(self, batch: VisitBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token probabilities (N, L + 1, M + 1) of every real visit's sequence, its targets
         (drugs then END) and the (N, L + 1) mask of real targets."""
         encoded = self.encode(batch)
@@ -372,14 +373,14 @@ class COGNet(MedRecModule):
         probs = self.token_probabilities(encoded, inputs[:, None])[:, 0]
         return probs, targets, target_mask
 
-    def sequence_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def sequence_loss(self, batch: VisitBatch) -> dict[str, torch.Tensor]:
         probs, targets, target_mask = self.teacher_forced(batch)
         with float32(probs):
             picked = probs.float().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             nll = -torch.log(picked.clamp_min(TINY))[target_mask].mean()
         return {"loss": nll, "nll": nll}
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> torch.Tensor:
         losses = self.sequence_loss(batch)
         self.log_train_losses(losses, batch_size=len(batch["lengths"]))
         return losses["loss"]
@@ -427,7 +428,7 @@ class COGNet(MedRecModule):
         ranking = torch.where(in_set, 0.5 + 0.5 * at_choice, 0.5 * highest.clamp(max=1 - 1e-6))
         return BeamResult(tokens=tokens[rows, best, 1:], drugs=in_set, ranking=ranking, log_prob=scores[rows, best])
 
-    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_probabilities(self, batch: VisitBatch) -> torch.Tensor:
         validating = self._trainer is not None and (self.trainer.validating or self.trainer.sanity_checking)
         beams = self.hparams.val_beam_size if validating else self.hparams.beam_size
         mask = batch["visit_mask"]
@@ -436,7 +437,7 @@ class COGNet(MedRecModule):
         out[mask] = ranking
         return out
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         """Logits of the ranking scores (B, T, M): >= 0 exactly for the generated set."""
         return torch.logit(self.predict_probabilities(batch), eps=1e-6)
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
+from datamodules.batches import PackageEvalBatch, PackagePairBatch, VisitDescriptions
 from datamodules.knowledge import CohortKnowledge
 from datamodules.options import DropoutRate, PositiveFloat, PositiveInt
 from datamodules.safe_pickle import load_checkpoint
@@ -245,7 +246,7 @@ class DPR(PackageRecModule):
             return d
         return self.patient_mask(u)[graphs.owner[graphs.batch]] * d
 
-    def retrieval_embedding(self, batch: dict) -> torch.Tensor:
+    def retrieval_embedding(self, batch: VisitDescriptions) -> torch.Tensor:
         return self.ncf.encoder(batch)
 
     def readout(self, h0: torch.Tensor, h: torch.Tensor, graphs: Batch) -> torch.Tensor:
@@ -264,7 +265,7 @@ class DPR(PackageRecModule):
             y = y + (self.score_query(u) * g).sum(-1)
         return y, aux
 
-    def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+    def training_loss(self, batch: PackagePairBatch) -> dict[str, torch.Tensor]:
         graphs = batch.get("graphs")
         if graphs is None:
             raise ValueError("DPR trains on negative packages: set data.init_args.negative_packages >= 1")
@@ -278,7 +279,7 @@ class DPR(PackageRecModule):
         losses["loss"] = sum(losses.values())
         return losses
 
-    def similar_negatives(self, batch: dict) -> torch.Tensor:
+    def similar_negatives(self, batch: VisitDescriptions) -> torch.Tensor:
         """(N, h, L) packages of similar other training patients, h drawn at random among them."""
         ids, _, packages = self.candidates(batch)
         usable = (ids >= 0) & (ids != batch["package_id"].unsqueeze(1))
@@ -287,7 +288,9 @@ class DPR(PackageRecModule):
         packages = packages.gather(1, pick.unsqueeze(-1).expand(-1, -1, packages.shape[-1]))
         return packages.masked_fill(~usable.gather(1, pick).unsqueeze(-1), -1)
 
-    def score_candidates(self, batch: dict, packages: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    def score_candidates(
+        self, batch: VisitDescriptions, packages: torch.Tensor, u: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(N, C, L) candidate packages (-1 rows = none) -> (N, C) scores, -inf where none."""
         valid = packages[..., 0] >= 0
         scores = torch.full(valid.shape, float("-inf"), device=packages.device)
@@ -299,13 +302,13 @@ class DPR(PackageRecModule):
         scores[valid] = self.package_scores(u, graphs)[0].to(scores.dtype)
         return scores
 
-    def visit_probabilities(self, batch: dict) -> torch.Tensor:
+    def visit_probabilities(self, batch: PackageEvalBatch) -> torch.Tensor:
         _, _, packages = self.candidates(batch)
         scores = self.score_candidates(batch, packages)
         return package_probabilities(packages, scores, scores.argmax(1), self.num_medications)
 
     # --- package generation heuristic (§6) ----------------------------------------------
-    def generate(self, batch: dict) -> dict[str, torch.Tensor]:
+    def generate(self, batch: PackageEvalBatch) -> dict[str, torch.Tensor]:
         """S1, S2, S3 of every visit scored together.
 
         Returns ``packages`` (N, 3C, L) (S1 at [0, C), S2 at [C, 2C), S3 at [2C, 3C); -1 rows
@@ -333,7 +336,7 @@ class DPR(PackageRecModule):
             "heuristic_choice": scores.argmax(1),
         }
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: PackageEvalBatch, batch_idx: int) -> list[dict]:
         """Base records; with ``generation: heuristic`` the heuristic choice, plus for comparison
         the non-heuristic choice (``candidate_drugs``), each one's F1 against the visit's true
         package and where the heuristic choice came from (``source`` S1/S2/S3)."""
@@ -343,12 +346,12 @@ class DPR(PackageRecModule):
 
     # --- interpretability ------------------------------------------------------------------
     @torch.no_grad()
-    def mask_vectors(self, batch: dict) -> torch.Tensor:
+    def mask_vectors(self, batch: VisitDescriptions) -> torch.Tensor:
         """σ(MLP(u)) of every visit (Fig. 8)."""
         return self.patient_mask(self.encoder(batch))
 
     @torch.no_grad()
-    def explain(self, batch: dict, packages: torch.Tensor) -> dict[str, torch.Tensor]:
+    def explain(self, batch: VisitDescriptions, packages: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-edge figures of each visit's package (N, L): owner, drugs, R, p, and the variant's own."""
         graphs = self.graph_builder.build(packages)
         graphs.owner = torch.arange(len(packages), device=packages.device)

@@ -11,6 +11,7 @@ from torch import nn
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import add_remaining_self_loops, dense_to_sparse, scatter, to_dense_adj
 
+from datamodules.batches import VisitBatch
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
@@ -174,7 +175,7 @@ class GAMENet(MedRecModule):
             bank = bank - self.beta * self.ddi_gcn()
         return bank
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         diag = self._visit_embeddings(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"])
         proc = self._visit_embeddings(self.proc_embedding, batch["procedures"], batch["procedures_mask"])
         h_diag, _ = self.diag_rnn(diag)
@@ -198,7 +199,7 @@ class GAMENet(MedRecModule):
         if self.ddi_switch is not None:
             require_ddi_pairs(self.knowledge, "GAMENet's DDI-loss switch", self.hparams.allow_no_ddi)
 
-    def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def compute_loss(self, logits: torch.Tensor, batch: VisitBatch) -> dict[str, torch.Tensor]:
         """Prediction loss under ``loss`` plus the DDI loss (mean over visits and M² pairs) under ``ddi``."""
         out = super().compute_loss(logits, batch)
         probs = torch.sigmoid(logits.float())
@@ -206,7 +207,7 @@ class GAMENet(MedRecModule):
         out["ddi"] = scale * ddi_loss(probs, self.ddi_adj, batch["visit_mask"])
         return out
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         losses = self.compute_loss(logits, batch)
         if self.ddi_switch is not None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.batches import VisitBatch
 from datamodules.knowledge import CohortKnowledge
 from datamodules.options import DropoutRate, NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from lightning_modules.base import MedRecModule
@@ -105,7 +106,7 @@ class LEAP(MedRecModule):
         self.output = nn.Linear(dim, k.num_medications + 2)
 
     # --- pieces --------------------------------------------------------------------------
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(self, batch: VisitBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Diagnosis embeddings (N, L, d), their attention keys (N, L, a) and mask (N, L) of the N real visits."""
         mask = batch["visit_mask"]
         codes, code_mask = batch["diagnoses"][mask], batch["diagnoses_mask"][mask]
@@ -137,7 +138,7 @@ class LEAP(MedRecModule):
         return tokens, positions <= counts[:, None]
 
     # --- training ------------------------------------------------------------------------
-    def sequence_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sequence_logits(self, batch: VisitBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced logits (N, K, M+2), targets (N, K) and their mask for the N real visits."""
         memory, keys, code_mask = self.encode(batch)
         targets, valid = self.target_sequences(batch["medications"][batch["visit_mask"]])
@@ -149,20 +150,20 @@ class LEAP(MedRecModule):
             token = targets[:, k]
         return torch.stack(logits, dim=1), targets, valid
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def compute_loss(self, batch: VisitBatch) -> dict[str, torch.Tensor]:
         """Cross-entropy of the drug sequence + END, averaged per visit, then over visits (Eq. 5)."""
         logits, targets, valid = self.sequence_logits(batch)
         token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
         per_visit = (token_loss * valid).sum(1) / valid.sum(1)
         return {"loss": per_visit.mean()}
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(batch)
         self.log_train_losses(losses, batch_size=len(batch["lengths"]))
         return losses["loss"]
 
     # --- inference -----------------------------------------------------------------------
-    def decode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, batch: VisitBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding of every real visit: the decoded sets (N, M) bool and p̄ (N, M)."""
         memory, keys, code_mask = self.encode(batch)
         n, m = memory.shape[0], self.num_medications
@@ -190,13 +191,13 @@ class LEAP(MedRecModule):
             running &= token < m
         return chosen, prob_sum / steps.clamp(min=1)[:, None]
 
-    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_probabilities(self, batch: VisitBatch) -> torch.Tensor:
         mask = batch["visit_mask"]
         chosen, mean_probs = self.decode(batch)
         scores = mask.new_zeros(*mask.shape, self.num_medications, dtype=torch.float32)
         scores[mask] = set_scores(chosen, mean_probs)
         return scores
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         """Logits of the decoded-set scores (the recommended set is logit >= 0)."""
         return torch.logit(self.predict_probabilities(batch), eps=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from datamodules.batches import VisitBatch
 from lightning_modules.base import MedRecModule
 from lightning_modules.visit_ops import multi_hot
 
@@ -22,7 +23,7 @@ class LogisticRegression(MedRecModule):
         k = self.knowledge
         self.linear = nn.Linear(k.num_diagnoses + k.num_procedures, k.num_medications)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         k = self.knowledge
         features = torch.cat(
             [

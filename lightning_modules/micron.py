@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.batches import VisitBatch
 from datamodules.knowledge import CohortKnowledge
 from datamodules.options import DropoutRate, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, check_range
 from lightning_modules.base import MedRecModule
@@ -174,7 +175,7 @@ class MICRON(MedRecModule):
     def _visit_sum(self, embedding: nn.Embedding, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (self.dropout(embedding(codes)) * mask.unsqueeze(-1).to(embedding.weight.dtype)).sum(-2)
 
-    def representations(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def representations(self, batch: VisitBatch) -> dict[str, torch.Tensor]:
         """NET(h_t), NET(h_{t-1}) and NET(h_t − h_{t-1}) for every visit, each (B, T, M).
 
         At t = 0 the previous health is that of an empty visit (h = b), as in the authors' code.
@@ -202,7 +203,7 @@ class MICRON(MedRecModule):
         residual[:, 0] = parts["current"][:, 0]
         return residual.cumsum(dim=1)
 
-    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_probabilities(self, batch: VisitBatch) -> torch.Tensor:
         parts = self.representations(batch)
         with float32(parts["current"]):
             probs = torch.sigmoid(self.medication_vector(parts).float())
@@ -212,11 +213,11 @@ class MICRON(MedRecModule):
             scores = set_scores(chosen, probs)
             return scores * batch["visit_mask"].unsqueeze(-1).to(scores.dtype)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         """Logits of the inference scores (the recommended set is logit >= 0)."""
         return torch.logit(self.predict_probabilities(batch), eps=1e-6)
 
-    def compute_loss(self, parts: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def compute_loss(self, parts: dict[str, torch.Tensor], batch: VisitBatch) -> dict[str, torch.Tensor]:
         """L_pred + rec_weight L_rec + ddi_weight L_ddi (gated); entries other than ``loss`` are logged."""
         with float32(parts["current"]):
             hp = self.hparams
@@ -240,7 +241,7 @@ class MICRON(MedRecModule):
             out["loss"] = out["loss"] + hp.ddi_weight * gate * ddi
             return out
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(self.representations(batch), batch)
         self.log_train_losses(losses, batch_size=len(batch["lengths"]))
         return losses["loss"]

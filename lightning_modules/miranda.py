@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from datamodules.batches import VisitBatch
 from datamodules.cohort import CohortError
 from datamodules.knowledge import TrainingStays
 from datamodules.options import DropoutRate, PositiveInt
@@ -99,7 +100,7 @@ class MiranDaPredictor(MedRecModule):
         return nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
 
     # --- predictor -----------------------------------------------------------------------
-    def _tokens(self, name: str, batch: dict[str, Tensor], visits: Tensor) -> Tensor:
+    def _tokens(self, name: str, batch: VisitBatch, visits: Tensor) -> Tensor:
         if name in CODE_FEATURES:
             return embed_codes(self.embeddings[name], batch[name], batch[f"{name}_mask"])
         if name == "medications":
@@ -113,7 +114,7 @@ class MiranDaPredictor(MedRecModule):
             + self.admission(visits)[None]
         )
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+    def forward(self, batch: VisitBatch) -> Tensor:
         steps = batch["visit_mask"].shape[1]
         visits = torch.arange(steps, device=batch["visit_mask"].device).clamp(max=self.position.num_embeddings - 1)
         causal = nn.Transformer.generate_square_subsequent_mask(steps, device=visits.device)
@@ -155,9 +156,7 @@ class MiranDaPredictor(MedRecModule):
             return
         self.build_stay_index()
 
-    def visit_stays(
-        self, probs: Tensor, batch: dict[str, Tensor], exclude_self: bool = False
-    ) -> tuple[Retrieval, Tensor]:
+    def visit_stays(self, probs: Tensor, batch: VisitBatch, exclude_self: bool = False) -> tuple[Retrieval, Tensor]:
         """Hard-prediction ELOS of every real visit (row-major order) and the visits' real LOS."""
         index = self.stay_index
         if index.device != probs.device:
@@ -176,18 +175,18 @@ class MiranDaPredictor(MedRecModule):
         return retrieval, batch["los"][patient, visit]
 
     # --- evaluation with ELOS ------------------------------------------------------------
-    def predict_probabilities(self, batch: dict[str, Tensor]) -> Tensor:
+    def predict_probabilities(self, batch: VisitBatch) -> Tensor:
         probs = super().predict_probabilities(batch)
         if not self.training:  # the base's evaluation steps call this; the ELOS update reuses it
             self._evaluated = (batch, probs)
         return probs
 
-    def _probabilities_of(self, batch: dict[str, Tensor]) -> Tensor:
+    def _probabilities_of(self, batch: VisitBatch) -> Tensor:
         cached = getattr(self, "_evaluated", None)
         self._evaluated = None
         return cached[1] if cached is not None and cached[0] is batch else self.predict_probabilities(batch)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: VisitBatch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
         if self.stay_index is not None:
             probs = self._probabilities_of(batch)
@@ -201,7 +200,7 @@ class MiranDaPredictor(MedRecModule):
             self.log_dict({f"val_{k}": v.float() for k, v in _rename(figures).items()})
             self.val_elos.reset()
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: VisitBatch, batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
         if self.stay_index is not None:
             probs = self._probabilities_of(batch)
@@ -216,7 +215,7 @@ class MiranDaPredictor(MedRecModule):
                 self.log(f"test_{key}", float(value), sync_dist=False, rank_zero_only=False)
             self.test_elos.reset()
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: VisitBatch, batch_idx: int) -> list[dict]:
         """Base records plus ``elos``: the counterfactual length of stay of the recommendation (None if unknown)."""
         records = super().predict_step(batch, batch_idx)
         if self.stay_index is not None:
@@ -297,7 +296,7 @@ class MiranDa(MiranDaPredictor):
             )
 
     # --- pieces of the objective ---------------------------------------------------------
-    def _forward(self, batch: dict[str, Tensor]) -> dict:
+    def _forward(self, batch: VisitBatch) -> dict:
         logits = self(batch)
         probs = torch.sigmoid(logits)
         retrieval, los = self.visit_stays(probs.detach(), batch, exclude_self=True)
@@ -341,7 +340,7 @@ class MiranDa(MiranDaPredictor):
         optimizer.step()
 
     # --- the two-phase optimiser hook ----------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> Tensor:
         hp = self.hparams
         state = self._forward(batch)
         excess = state["excess"]

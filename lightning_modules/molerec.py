@@ -21,6 +21,7 @@ from torch_geometric.nn import GINEConv, global_mean_pool
 from torch_geometric.utils import scatter
 from torch_geometric.utils.smiles import e_map, x_map
 
+from datamodules.batches import VisitBatch
 from datamodules.molecules import (
     feature_graphs,
     molecule_coverage,
@@ -315,7 +316,7 @@ class MoleRec(MedRecModule):
             require_ddi_pairs(self.knowledge, "MoleRec", self.hparams.allow_no_ddi)
 
     # --- patient -------------------------------------------------------------------------
-    def patient_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def patient_query(self, batch: VisitBatch) -> torch.Tensor:
         """q_t for every visit (B, T, d) from the two causal GRUs."""
         states = [
             causal_gru(gru, self._visit_sums(embedding, batch[key], batch[f"{key}_mask"]), batch["lengths"])
@@ -394,7 +395,7 @@ class MoleRec(MedRecModule):
     on_train_epoch_start = on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = _clear_cache
 
     # --- forward -------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         mask = batch["visit_mask"]
         query = self.patient_query(batch)[mask]  # real visits only: (V, d)
         relevancy = torch.sigmoid(self.relevancy(query))  # w_t (V, S)
@@ -416,7 +417,7 @@ class MoleRec(MedRecModule):
 
     # --- loss ----------------------------------------------------------------------------
     def compute_loss(
-        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], beta: float | torch.Tensor = 1.0
+        self, logits: torch.Tensor, batch: VisitBatch, beta: float | torch.Tensor = 1.0
     ) -> dict[str, torch.Tensor]:
         """mean_v [β_v (α BCE_v + (1 − α) margin_v) + (1 − β_v) L_ddi,v]; other entries are logged means."""
         with float32(logits):
@@ -432,7 +433,7 @@ class MoleRec(MedRecModule):
             loss = (beta * accuracy + (1 - beta) * ddi).mean() if len(flat) else logits.sum().float() * 0.0
             return {"bce": bce.mean(), "margin": margin.mean(), "ddi": ddi.mean(), "loss": loss}
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         beta = 1.0
         if self.ddi_controller is not None:

@@ -17,6 +17,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from datamodules.batches import NCFBatch, PackageEvalBatch, PackagePairBatch, VisitDescriptions
 from lightning_modules.package_rec import PackageRecModule, package_probabilities
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class PatientEncoder(nn.Module):
             self.lstm = nn.LSTM(word_dim, text_dim, batch_first=True)
         self.out_dim = dim + (text_dim if self.has_text else 0)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitDescriptions) -> torch.Tensor:
         mask = batch["document_mask"]
         w = self.document(batch["document"], per_sample_weights=mask.to(self.document_bias.dtype))
         u = self.document_out(w + self.document_bias)
@@ -88,13 +89,13 @@ class NCFCore(nn.Module):
         self.pair_drug = nn.Linear(dim, hidden, bias=False)
         self.pair_out = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
 
-    def scores(self, batch: dict[str, torch.Tensor], u: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(self, batch: VisitDescriptions, u: torch.Tensor | None = None) -> torch.Tensor:
         """(N, M) preferences r_ij of every visit for every drug."""
         u = self.encoder(batch) if u is None else u
         pair = self.pair_patient(u).unsqueeze(1) + self.pair_drug(self.drugs.weight).unsqueeze(0)
         return self.pair_out(pair).squeeze(-1)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, batch: NCFBatch) -> torch.Tensor:
         return bpr_drug_loss(self.scores(batch), batch["package_hot"])
 
 
@@ -178,13 +179,13 @@ class NCF(PackageRecModule):
         )
         self.top_k = max(1, round(k.mean_package_size))
 
-    def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+    def training_loss(self, batch: PackagePairBatch) -> dict[str, torch.Tensor]:
         return {"loss": self.core.loss(batch)}
 
-    def retrieval_embedding(self, batch: dict) -> torch.Tensor:
+    def retrieval_embedding(self, batch: VisitDescriptions) -> torch.Tensor:
         return self.core.encoder(batch)
 
-    def visit_probabilities(self, batch: dict) -> torch.Tensor:
+    def visit_probabilities(self, batch: PackageEvalBatch) -> torch.Tensor:
         if self.hparams.recommend == "top_k":
             scores = self.core.scores(batch)
             top = scores.topk(min(self.top_k, scores.shape[1]), dim=1).indices

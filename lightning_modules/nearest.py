@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from datamodules.batches import VisitBatch
 from datamodules.cohort import CohortError
 from lightning_modules.base import MedRecModule
 from lightning_modules.visit_ops import previous_visit
@@ -35,13 +36,13 @@ class DrugFrequency(MedRecModule):
         self.ddp_anchor = nn.Parameter(torch.zeros(()))
         self.register_load_state_dict_pre_hook(_default_anchor)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> None:
         """Nothing to learn: the prevalence comes with the knowledge."""
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         return torch.logit(self.predict_probabilities(batch), eps=1e-6)
 
-    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_probabilities(self, batch: VisitBatch) -> torch.Tensor:
         return self.prevalence.expand(*batch["visit_mask"].shape, -1)
 
     def configure_optimizers(self):
@@ -57,7 +58,7 @@ class Nearest(DrugFrequency):
     frequency baseline (drugs in at least half of the training visits).
     """
 
-    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_probabilities(self, batch: VisitBatch) -> torch.Tensor:
         prevalence = super().predict_probabilities(batch)
         previous = previous_visit(batch["medications"])
         first = torch.zeros_like(batch["visit_mask"])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from datamodules.batches import PackageEvalBatch
 from datamodules.knowledge import CohortKnowledge
 from lightning_modules.base import visit_ids
 from lightning_modules.package_rec import package_probabilities
@@ -118,7 +119,9 @@ def set_f1(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.where(inter > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
 
 
-def heuristic_records(batch: dict, generated: dict[str, torch.Tensor], knowledge: CohortKnowledge) -> list[dict]:
+def heuristic_records(
+    batch: PackageEvalBatch, generated: dict[str, torch.Tensor], knowledge: CohortKnowledge
+) -> list[dict]:
     """Predict records of the heuristic (``DPR.generate``'s output) for every real visit: the
     heuristic choice as the recommendation, ``source`` (S1/S2/S3 it came from), its ``f1``
     against the visit's true package, and the non-heuristic choice (``candidate_drugs``,

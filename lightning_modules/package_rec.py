@@ -21,6 +21,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from datamodules.batches import (
+    CandidatePool,
+    PackageEvalBatch,
+    PackageHistoryBatch,
+    PackagePairBatch,
+    VisitDescriptions,
+)
 from datamodules.cohort import CohortError
 from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from datamodules.package_graph import HistoryCollator, PackageKnowledge
@@ -95,36 +102,36 @@ class PackageRecModule(MedRecModule):
         self._pool: dict | None = None
 
     # --- hooks for subclasses ------------------------------------------------------------
-    def retrieval_embedding(self, batch: dict) -> torch.Tensor:  # pragma: no cover
+    def retrieval_embedding(self, batch: VisitDescriptions) -> torch.Tensor:  # pragma: no cover
         """(N, d) patient embeddings used to find similar training patients."""
         raise NotImplementedError
 
-    def visit_probabilities(self, batch: dict) -> torch.Tensor:  # pragma: no cover
+    def visit_probabilities(self, batch: PackageEvalBatch) -> torch.Tensor:  # pragma: no cover
         """(N, M) drug probabilities of every real visit of an evaluation batch."""
         raise NotImplementedError
 
-    def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover
+    def training_loss(self, batch: PackagePairBatch) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     # --- protocol ------------------------------------------------------------------------
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: PackageEvalBatch) -> torch.Tensor:
         """Package recommenders have no per-drug logits: they choose a package per visit."""
         raise NotImplementedError(
             f"{type(self).__name__} chooses a package per visit and has no drug logits; call predict_probabilities"
         )
 
-    def predict_probabilities(self, batch: dict) -> torch.Tensor:
+    def predict_probabilities(self, batch: PackageEvalBatch) -> torch.Tensor:
         mask = batch["visit_mask"]
         per_visit = self.visit_probabilities(batch)
         probs = per_visit.new_zeros(*mask.shape, self.num_medications)
         probs[mask] = per_visit
         return probs
 
-    def collate_histories(self, samples: list[dict]) -> dict:
+    def collate_histories(self, samples: list[dict]) -> PackageHistoryBatch:
         """Patients given by codes -> the evaluation layout, descriptions built from the codes."""
         return HistoryCollator(self.knowledge)(samples)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PackagePairBatch, batch_idx: int) -> torch.Tensor:
         losses = self.training_loss(batch)
         self.log_train_losses(losses, batch_size=len(batch["document"]))
         return losses["loss"]
@@ -139,7 +146,7 @@ class PackageRecModule(MedRecModule):
     def on_predict_start(self) -> None:
         self.refresh_pool()
 
-    def refresh_pool(self, pool: dict | None = None) -> None:
+    def refresh_pool(self, pool: CandidatePool | None = None) -> None:
         """Embed the training visits (the knowledge's pool, or ``pool``) with the current retrieval encoder."""
         if pool is None:
             pool = self.knowledge.training_visits.pool()
@@ -165,7 +172,7 @@ class PackageRecModule(MedRecModule):
             self.refresh_pool()
         return self._pool
 
-    def candidates(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def candidates(self, batch: VisitDescriptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(package ids (N, k), similarity (N, k), packages (N, k, L)) of every real visit."""
         pool = self.pool
         with torch.no_grad():

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 
+from datamodules.batches import VisitBatch
 from datamodules.errors import OptionError
 from datamodules.options import DropoutRate, NonNegativeInt, PositiveInt
 from lightning_modules.base import MedRecModule
@@ -209,12 +210,12 @@ class RAREMed(MedRecModule):
         return self.encoder(tokens, src_key_padding_mask=padding)[:, 0]
 
     @staticmethod
-    def real_visits(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def real_visits(batch: VisitBatch) -> dict[str, Tensor]:
         """The codes of the batch's real visits, (N, L·), in row-major (patient, visit) order."""
         mask = batch["visit_mask"]
         return {key: batch[key][mask] for key in ("diagnoses", "diagnoses_mask", "procedures", "procedures_mask")}
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+    def forward(self, batch: VisitBatch) -> Tensor:
         visits = self.real_visits(batch)
         logits = self.output(self.encode(**visits))
         out = logits.new_zeros(*batch["visit_mask"].shape, logits.shape[-1])
@@ -231,7 +232,7 @@ class RAREMed(MedRecModule):
         drop = (torch.rand(codes.shape, device=codes.device) < self.hparams.mask_probability) & mask
         return torch.where(drop, torch.full_like(codes, mask_row), codes)
 
-    def pretrain_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def pretrain_losses(self, batch: VisitBatch) -> dict[str, Tensor]:
         """SMP and SR losses of the batch's real visits (paper §pre-training)."""
         v = self.real_visits(batch)
         n = v["diagnoses"].shape[0]
@@ -276,7 +277,7 @@ class RAREMed(MedRecModule):
         return losses
 
     # --- fine-tuning ---------------------------------------------------------------------
-    def compute_loss(self, logits: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def compute_loss(self, logits: Tensor, batch: VisitBatch) -> dict[str, Tensor]:
         out = super().compute_loss(logits, batch)  # (1 − α) BCE + α margin
         with float32(logits):
             if self.hparams.ddi_weight > 0:
@@ -284,7 +285,7 @@ class RAREMed(MedRecModule):
                 out["loss"] = out["loss"] + self.hparams.ddi_weight * out["ddi"]
         return out
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> Tensor:
         size = len(batch["lengths"])
         if self.pretraining:
             losses = self.pretrain_losses(batch)
@@ -307,7 +308,7 @@ class RAREMed(MedRecModule):
             )
 
     # --- rarity report -------------------------------------------------------------------
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: VisitBatch, batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
         if not bool(self.diagnosis_prevalence.any()):
             return

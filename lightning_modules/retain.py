@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from datamodules.batches import VisitBatch
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
 from lightning_modules.visit_ops import embed_codes, previous_visit
@@ -39,7 +40,7 @@ class RETAIN(MedRecModule):
         self.beta_out = nn.Linear(hidden_dim, embedding_dim)
         self.output = nn.Linear(embedding_dim, k.num_medications)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         visits = (
             embed_codes(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"])
             + embed_codes(self.proc_embedding, batch["procedures"], batch["procedures_mask"])

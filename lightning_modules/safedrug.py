@@ -17,6 +17,7 @@ from torch import nn
 from torch_geometric.nn import MessagePassing, global_add_pool, global_mean_pool
 from torch_geometric.utils import scatter, spmm, to_torch_csr_tensor
 
+from datamodules.batches import VisitBatch
 from datamodules.molecules import molecule_coverage, molecule_graphs, require_molecules, substructure_mask
 from datamodules.options import DropoutRate, PositiveInt
 from lightning_modules.base import MedRecModule
@@ -250,7 +251,7 @@ class SafeDrug(MedRecModule):
         """Σ of the (dropped-out) code embeddings of each visit: (B, T, L) -> (B, T, d) (Sec. 3.2)."""
         return (self.dropout(embedding(codes)) * mask.unsqueeze(-1).to(embedding.weight.dtype)).sum(-2)
 
-    def patient_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def patient_query(self, batch: VisitBatch) -> torch.Tensor:
         """q_t for every visit (B, T, d): two GRUs over the visit sequence, ReLU, linear (Sec. 3.2)."""
         states = [
             causal_gru(gru, self._visit_vectors(embedding, batch[key], batch[f"{key}_mask"]), batch["lengths"])
@@ -331,7 +332,7 @@ class SafeDrug(MedRecModule):
         functional = torch.sigmoid(self.functional(query))
         return functional @ (self.local_weight * self.substructure_mask).t()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: VisitBatch) -> torch.Tensor:
         query = self.patient_query(batch)
         if self.use_global and self.use_local:
             logits = self.global_vector(query) * self.local_vector(query)
@@ -343,7 +344,7 @@ class SafeDrug(MedRecModule):
 
     # --- loss ----------------------------------------------------------------------------
     def compute_loss(
-        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], beta: float | torch.Tensor = 1.0
+        self, logits: torch.Tensor, batch: VisitBatch, beta: float | torch.Tensor = 1.0
     ) -> dict[str, torch.Tensor]:
         """β (α BCE + (1 − α) margin) + (1 − β) L_ddi (Eq. 18); entries other than ``loss`` are logged."""
         with float32(logits):
@@ -361,7 +362,7 @@ class SafeDrug(MedRecModule):
             out["loss"] = beta * accuracy + (1 - beta) * out["ddi"]
             return out
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: VisitBatch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         beta = 1.0
         if self.ddi_controller is not None:

@@ -10,7 +10,8 @@ fitted for one training batch and one validation batch, saved, and held to the c
 * evaluation gives probabilities in [0, 1] for every visit, ``(B, T, M)``, and the base logs its validation metrics;
 * ``predict_step`` records name the batch's patients and visits, the drugs above the threshold and the recorded ones;
 * a patient's predictions are the same batched with others as alone (padding does not leak);
-* the prediction at visit t ignores the drugs of visits t and later (its target and the future);
+* the prediction at visit t ignores the drugs of visits t and later (its target and the future) and the codes
+  of later visits;
 * a checkpoint loads back (``load_from_checkpoint``) into the same predictions.
 
 A new method's config is picked up without editing this file. A model that breaks a clause for a reason that
@@ -30,6 +31,7 @@ import yaml
 from conftest import quiet_trainer
 
 import lightning_modules
+from datamodules.batches import VisitDescriptions
 from lightning_modules.base import MedRecModule
 from lightning_modules.checkpoints import import_class
 from lightning_modules.registry import all_configs, config_path, method_configs
@@ -52,6 +54,8 @@ SMALL = {
     "pretrain_epochs": 1,
     "beam_size": 2,
 }
+# a package batch's description of each visit (its owner, patient_key, stays the same)
+DESCRIPTION = sorted(VisitDescriptions.__required_keys__ - {"patient_key", "package_id"})
 BATCH = 8  # patients per training, validation and evaluation batch
 # Trainable parameters a correct model leaves without gradient in its first training step, and why.
 IDLE_PARAMETERS = {
@@ -232,29 +236,38 @@ def test_a_patient_alone_gets_the_predictions_it_gets_in_a_batch(fitted):
         )
 
 
-def change_drugs_from(batch: dict, b: int, t: int) -> dict:
-    """``batch`` with the drugs of patient ``b``'s visits ``t`` and later changed: the multi-hot targets
-    flipped and, in package batches, each visit's package (and its id) swapped for another visit's."""
+def change_from(batch: dict, b: int, t: int, knowledge) -> dict:
+    """``batch`` with patient ``b``'s drugs of visits ``t`` and later and codes of visits after ``t`` changed.
+
+    The multi-hot targets are flipped and the diagnosis and procedure codes moved to the next index; in a
+    package batch (per-visit rows, row-major over ``visit_mask``) the true packages (and their ids) and the
+    descriptions are swapped for other visits'."""
     changed = copy.deepcopy(batch)
     n = int(batch["visit_mask"][b].sum())
     changed["medications"][b, t:n] = 1 - batch["medications"][b, t:n]
-    if "package" in batch:  # per-visit rows, row-major over visit_mask
+    if "package" in batch:
         first = int(batch["visit_mask"][:b].sum())
         rows = torch.arange(first + t, first + n)
         other = (rows + n) % len(batch["package"])
         for key in ("package", "package_id"):
             changed[key][rows] = batch[key][other]
+        for key in DESCRIPTION:  # the inputs, after visit t only
+            changed[key][rows[1:]] = batch[key][other[1:]]
+    else:
+        sizes = {"diagnoses": knowledge.num_diagnoses, "procedures": knowledge.num_procedures}
+        for key, size in sizes.items():
+            changed[key][b, t + 1 : n] = (batch[key][b, t + 1 : n] + 1) % size
     return changed
 
 
 @pytest.mark.parametrize("fitted", cases("causality"), indirect=True)
-def test_the_prediction_at_a_visit_ignores_its_own_and_later_drugs(fitted):
+def test_the_prediction_at_a_visit_ignores_its_own_drugs_and_later_visits(fitted):
     batch = fitted.batch
     lengths = batch["visit_mask"].sum(1)
     b, t = int(lengths.argmax()), 1
     assert int(lengths[b]) >= 3, "the check needs a patient with visits after the changed one"
     before = probabilities(fitted.model, batch)
-    after = probabilities(fitted.model, change_drugs_from(batch, b, t))
+    after = probabilities(fitted.model, change_from(batch, b, t, fitted.model.knowledge))
     torch.testing.assert_close(after[b, : t + 1], before[b, : t + 1], atol=1e-6, rtol=0)
     others = torch.arange(len(lengths)) != b
     torch.testing.assert_close(after[others], before[others], atol=1e-6, rtol=0)

@@ -19,26 +19,11 @@ per job: ``descriptions`` (W and T), ``graphs`` (§4.1), ``knowledge`` (``Packag
   description. The candidate pool (training visits, their packages) that the model searches for
   the most similar patients travels in the knowledge (``PackageKnowledge.training_visits``).
 
-Evaluation batch (patients B, visits T, real visits N = visit_mask.sum(), drugs M):
-
-=================  ===============  =========================================================
-key                shape            meaning
-=================  ===============  =========================================================
-medications        (B, T, M) float  true package of every visit (the target)
-visit_mask         (B, T) bool      real visits; lengths (B,), patient_index (B,)
-document           (N, Lw) long     disease-document tokens of each real visit (row-major
-                                    order of visit_mask.nonzero()); ``document_mask``
-notes              (N, Ln) long     note tokens (0 = unknown word); ``notes_lengths`` (N,)
-patient_key        (N,) long        cohort-wide patient number (candidates never share it)
-package            (N, Lp) long     true package as drug indices, -1 padded
-package_id         (N,) long        id of that package among the training packages (-1: none)
-visit_row          (N,) long        row in the DataModule's visit table
-patient_ids        list[str] (B)    the patients' cohort ids; ``visit_ids``: B lists of visit ids
-=================  ===============  =========================================================
-
-A training batch has the same per-visit keys (N = batch size) plus ``package_hot`` (N, M) and,
-with negative packages, ``graphs``: the Batch of N·(1+r) graphs, visit i's true package at
-graph i·(1+r) and its r negatives after it; ``graphs.owner`` maps each graph to its visit.
+The batches are typed in ``datamodules.batches`` (each key's dtype, shape and meaning):
+``PackagePairBatch`` (training: every visit's description, true package and, with negative packages,
+``graphs``, the Batch of the true and negative packages' graphs), ``PackageEvalBatch`` (evaluation:
+the per-patient targets of ``VisitSequenceDataModule``'s layout plus one description per real visit)
+and ``PackageHistoryBatch`` (patients given by codes to the ``Recommender``).
 """
 
 from datamodules.package_graph.collate import HistoryCollator, PairCollator, PatientCollator

@@ -1,6 +1,6 @@
 """Batches of DPR's DataModule (Zheng et al., WWW 2021): training pairs and evaluation patients.
 
-The layouts are documented in ``datamodules.package_graph`` (the package's docstring).
+The layouts are typed and documented in ``datamodules.batches``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from datamodules.batches import PackageEvalBatch, PackageHistoryBatch, PackagePairBatch
 from datamodules.knowledge import CohortKnowledge
 from datamodules.package_graph.descriptions import GENDERS, VisitTable, visit_documents
 from datamodules.package_graph.graphs import GraphMatrices, build_package_graphs
@@ -47,7 +48,7 @@ class PairCollator:
             draw[clash] = torch.randint(len(self.pool_rows), (int(clash.sum()),))
         return self.pool_rows[draw]
 
-    def __call__(self, rows: list[int]) -> dict:
+    def __call__(self, rows: list[int]) -> PackagePairBatch:
         rows = np.asarray(rows, dtype=np.int64)
         batch = self.table.describe(rows)
         hot = torch.zeros(len(rows), self.num_medications)
@@ -70,7 +71,7 @@ class PatientCollator:
     def __init__(self, table: VisitTable, num_medications: int):
         self.table, self.num_medications = table, num_medications
 
-    def __call__(self, samples: list[tuple[int, list[int]]]) -> dict:
+    def __call__(self, samples: list[tuple[int, list[int]]]) -> PackageEvalBatch:
         lengths = np.array([len(rows) for _, rows in samples])
         batch_size, max_t = len(samples), int(lengths.max())
         meds = torch.zeros(batch_size, max_t, self.num_medications)
@@ -105,7 +106,7 @@ class HistoryCollator:
     def __init__(self, knowledge: CohortKnowledge):
         self.knowledge = knowledge
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]) -> PackageHistoryBatch:
         batch = VisitCollator(self.knowledge.num_medications)(samples)
         gender_of = {code: name for name, code in GENDER_CODES.items() if name in GENDERS}
         visits = [(s, t) for s in samples for t in range(len(s["medications"]))]  # row-major, as visit_mask

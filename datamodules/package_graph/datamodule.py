@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import DataLoader
 
+from datamodules.batches import CandidatePool
 from datamodules.cohort import CODE_COLUMNS
 from datamodules.drug_relations import merge_relations, read_relation_csv
 from datamodules.knowledge import co_prescription_adjacency, prevalence
@@ -166,7 +167,7 @@ class PackageGraphDataModule(VisitSequenceDataModule):
             seed=int(self.seed),
         )
 
-    def candidate_pool(self) -> dict:
+    def candidate_pool(self) -> CandidatePool:
         """The training visits a model searches for similar patients (``TrainingVisits.pool``)."""
         return self.knowledge.training_visits.pool()
 

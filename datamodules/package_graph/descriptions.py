@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from datamodules.batches import PackageVisits, VisitDescriptions
 from datamodules.package_graph.padding import pad_packages, pad_tokens
 
 AGE_DECADES = 10  # 0-9, 10-19, ..., 90+
@@ -78,7 +79,7 @@ class VisitTable:
     visit_id: list[str]
     package_id: np.ndarray  # id among the training packages, -1 for visits outside training
 
-    def describe(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def describe(self, rows: np.ndarray) -> PackageVisits:
         """Per-visit keys shared by training and evaluation batches."""
         return {
             **describe_rows(self, rows),
@@ -87,7 +88,7 @@ class VisitTable:
         }
 
 
-def describe_rows(visits, rows: np.ndarray) -> dict[str, torch.Tensor]:
+def describe_rows(visits, rows: np.ndarray) -> VisitDescriptions:
     """The padded description (document and note tokens), ``patient_key`` and ``package_id`` of
     ``rows`` of a table of visits (``VisitTable`` or the knowledge's ``TrainingVisits``)."""
     document, document_mask = pad_tokens([visits.document[r] for r in rows])

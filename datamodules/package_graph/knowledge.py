@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.batches import CandidatePool, NCFBatch, VisitDescriptions
 from datamodules.cohort import CohortError
 from datamodules.knowledge import CohortKnowledge, from_ragged_state, ragged_state
 from datamodules.package_graph.descriptions import describe_rows
@@ -58,7 +59,7 @@ class TrainingVisits:
     def __len__(self) -> int:
         return len(self.package_id)
 
-    def describe(self, rows: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    def describe(self, rows: np.ndarray | None = None) -> VisitDescriptions:
         """Description keys (``DESCRIPTION_KEYS``), ``patient_key`` and ``package_id`` of ``rows`` (all by default)."""
         rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
         return describe_rows(self, rows)
@@ -70,7 +71,7 @@ class TrainingVisits:
             hot[i, self.packages[self.package_id[r]]] = 1.0
         return hot
 
-    def pool(self) -> dict:
+    def pool(self) -> CandidatePool:
         """The candidate pool: ``describe()`` of every training visit, ``packages`` (P, L)
         (distinct training packages, -1 padded) and ``k`` (similar_patients)."""
         pool = self.describe()
@@ -82,7 +83,7 @@ class TrainingVisits:
         """Batches of training visits with their ``package_hot`` (NCF pre-training, §3), shuffled
         with the DataModule's seed."""
 
-        def collate(rows: list[int]) -> dict:
+        def collate(rows: list[int]) -> NCFBatch:
             rows = np.asarray(rows, dtype=np.int64)
             return {**self.describe(rows), "package_hot": self.package_hot(rows, num_medications)}
 
