@@ -1,4 +1,4 @@
-"""Baselines and the shared base: causality, batching invariance, hand cases, checkpoint safety."""
+"""Baselines and the shared base: causality, hand cases, checkpoint safety (batch invariance: test_protocol.py)."""
 
 from __future__ import annotations
 
@@ -41,17 +41,6 @@ def test_prediction_at_t_ignores_the_future(data, model_class):
     torch.testing.assert_close(before[b, :2], after[b, :2])  # visit 0 and 1 unchanged
     if model_class is RETAIN:  # visit 2 sees visit 1's drugs as history
         assert not torch.allclose(before[b, 2], after[b, 2])
-
-
-def test_retain_batched_equals_one_patient_at_a_time(data):
-    torch.manual_seed(0)
-    model = RETAIN(knowledge=data.knowledge, embedding_dim=8, hidden_dim=8).eval()
-    batch = first_batch(data)
-    together = model(batch)
-    for b in range(len(batch["lengths"])):
-        n = int(batch["lengths"][b])
-        single = {k: v[b : b + 1, :n] if torch.is_tensor(v) and v.dim() > 1 else v[b : b + 1] for k, v in batch.items()}
-        torch.testing.assert_close(model(single)[0], together[b, :n], atol=1e-5, rtol=1e-5)
 
 
 def test_nearest_repeats_previous_visit_and_falls_back_to_frequency(data):

@@ -41,17 +41,6 @@ def test_every_visit_is_predicted_causally(data):
     assert not torch.allclose(after[b, last], logits[b, last])
 
 
-def test_batched_equals_one_patient_at_a_time(data):
-    torch.manual_seed(0)
-    model = SafeDrug(knowledge=data.knowledge).eval()
-    batch = first_batch(data)
-    together = model(batch)
-    for b in range(4):
-        n = int(batch["lengths"][b])
-        single = {k: v[b : b + 1, :n] if torch.is_tensor(v) and v.dim() > 1 else v[b : b + 1] for k, v in batch.items()}
-        torch.testing.assert_close(model(single)[0], together[b, :n], atol=1e-5, rtol=1e-5)
-
-
 def test_variants_keep_only_their_encoders(data):
     k = data.knowledge
     dual, glob = SafeDrug(knowledge=k), SafeDrug(knowledge=k, encoders="global")
