@@ -29,10 +29,11 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import quiet_trainer
+from conftest import handmade_datamodule, quiet_trainer
 
 import lightning_modules
 from datamodules.batches import VisitDescriptions
+from lightning_modules import LogisticRegression
 from lightning_modules.base import MedRecModule
 from lightning_modules.checkpoints import import_class
 from lightning_modules.registry import all_configs, config_path, method_configs
@@ -228,15 +229,20 @@ def test_predict_records_name_the_batch_visits_and_their_drugs(fitted):
         assert record["recorded_drugs"] == [codes[d] for d in sorted(set(recorded))]
 
 
-@pytest.mark.parametrize("fitted", cases("batch_invariance"), indirect=True)
-def test_a_patient_alone_gets_the_predictions_it_gets_in_a_batch(fitted):
-    together = probabilities(fitted.model, fitted.batch)
-    for b, sample in enumerate(fitted.samples):
-        alone = fitted.collate([sample])
+def assert_batch_invariant(model: MedRecModule, samples: list, collate) -> None:
+    """Each patient of ``samples`` collated alone gets the probabilities it gets collated with all of them."""
+    together = probabilities(model, collate(samples))
+    for b, sample in enumerate(samples):
+        alone = collate([sample])
         n = int(alone["visit_mask"].sum())
         torch.testing.assert_close(
-            probabilities(fitted.model, alone)[0, :n], together[b, :n], atol=1e-5, rtol=1e-5, msg=f"patient {b}"
+            probabilities(model, alone)[0, :n], together[b, :n], atol=1e-5, rtol=1e-5, msg=f"patient {b}"
         )
+
+
+@pytest.mark.parametrize("fitted", cases("batch_invariance"), indirect=True)
+def test_a_patient_alone_gets_the_predictions_it_gets_in_a_batch(fitted):
+    assert_batch_invariant(fitted.model, fitted.samples, fitted.collate)
 
 
 def change_from(batch: dict, b: int, t: int, knowledge) -> dict:
@@ -263,17 +269,52 @@ def change_from(batch: dict, b: int, t: int, knowledge) -> dict:
     return changed
 
 
-@pytest.mark.parametrize("fitted", cases("causality"), indirect=True)
-def test_the_prediction_at_a_visit_ignores_its_own_drugs_and_later_visits(fitted):
-    batch = fitted.batch
+def assert_causal(model: MedRecModule, batch: dict) -> None:
+    """Changing the drugs of visit 1 and later and the codes of visit 2 and later of the longest patient changes
+    neither that patient's predictions at visits 0 and 1 nor any other patient's."""
     lengths = batch["visit_mask"].sum(1)
     b, t = int(lengths.argmax()), 1
     assert int(lengths[b]) >= 3, "the check needs a patient with visits after the changed one"
-    before = probabilities(fitted.model, batch)
-    after = probabilities(fitted.model, change_from(batch, b, t, fitted.model.knowledge))
+    before = probabilities(model, batch)
+    after = probabilities(model, change_from(batch, b, t, model.knowledge))
     torch.testing.assert_close(after[b, : t + 1], before[b, : t + 1], atol=1e-6, rtol=0)
     others = torch.arange(len(lengths)) != b
     torch.testing.assert_close(after[others], before[others], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fitted", cases("causality"), indirect=True)
+def test_the_prediction_at_a_visit_ignores_its_own_drugs_and_later_visits(fitted):
+    assert_causal(fitted.model, fitted.batch)
+
+
+class LeakyRegression(LogisticRegression):
+    """Logistic regression that reads the targets (``leak="target"``) or the batch's padding (``"padding"``)."""
+
+    def __init__(self, *args, leak: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.leak = leak
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        logits = super().forward(batch)
+        if self.leak == "target":
+            return logits + batch["medications"]
+        return logits + batch["visit_mask"].float().mean()
+
+
+def test_the_invariance_and_causality_checks_catch_a_leaking_model(tmp_path):
+    data = handmade_datamodule(tmp_path / "c", n_patients=15)  # test patients of 2 and 3 visits
+    loader = data.test_dataloader()
+    samples = [loader.dataset[i] for i in range(len(loader.dataset))]
+    batch = loader.collate_fn(samples)
+    torch.manual_seed(0)
+    honest = LogisticRegression(knowledge=data.knowledge)
+    assert_batch_invariant(honest, samples, loader.collate_fn)
+    assert_causal(honest, batch)
+    assert_batch_invariant(LeakyRegression(knowledge=data.knowledge, leak="target"), samples, loader.collate_fn)
+    with pytest.raises(AssertionError):
+        assert_causal(LeakyRegression(knowledge=data.knowledge, leak="target"), batch)
+    with pytest.raises(AssertionError, match="patient"):
+        assert_batch_invariant(LeakyRegression(knowledge=data.knowledge, leak="padding"), samples, loader.collate_fn)
 
 
 @pytest.mark.parametrize("fitted", cases("checkpoint"), indirect=True)
