@@ -12,17 +12,23 @@ the visit's true package and sampled negative packages (Eq. 15). Two variants:
 
 The graphs of a whole batch (every visit's true and negative packages in training, every
 visit's candidates in evaluation) are one torch-geometric ``Batch``; no Python loop runs over
-graphs. NCF pre-training (§3) is the stage before the first epoch of ``fit`` (``DPR.pretrain``, on
-the knowledge's training visits), or is loaded from an NCF checkpoint.
+graphs. NCF pre-training (§3) is a stage of its own before the first epoch of ``fit``
+(``DPR.ncf_stage``: ``DPR.pretrain`` on the knowledge's training visits, its figures logged as
+``ncf_pretrain/*``), or a separate fit of ``configs/ncf.yaml`` whose checkpoint DPR loads
+(``ncf_checkpoint``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
@@ -53,6 +59,29 @@ log = logging.getLogger(__name__)
 __all__ = ["DPR", "DPRAG", "DPRWG", "set_f1"]
 
 INTERACTION_CLASSES = ("none", "synergy", "antagonism")
+PRETRAIN_AXIS = "ncf_pretrain/epoch"
+"""The x-axis of the NCF stage's figures (``ncf_pretrain/loss``, ``ncf_pretrain/seconds``)."""
+
+
+def log_stage_figures(loggers: Iterable[Logger], figures: Mapping[str, float], axis: str = PRETRAIN_AXIS) -> None:
+    """Log one record of a stage that runs outside the fit's loop (the NCF stage) to every logger.
+
+    The record carries its own x-axis value ``figures[axis]``: the stage runs before the fit's
+    step 0, so the fit's ``step`` cannot index it. The CSV logger files the record under that
+    value as its step (the ``axis`` column says which axis it is); W&B is told to plot the
+    stage's figures against ``axis``, and the record goes without ``trainer/global_step``
+    (Lightning's default x-axis of every other metric), which it does not belong to.
+    """
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            run.define_metric(axis)
+            for name in figures:
+                if name != axis:
+                    run.define_metric(name, step_metric=axis)  # an exact name wins over Lightning's "*"
+            logger.log_metrics(dict(figures))
+        else:
+            logger.log_metrics(dict(figures), step=int(figures[axis]))
 
 
 class DPR(PackageRecModule):
@@ -68,8 +97,10 @@ class DPR(PackageRecModule):
         embedding_dim, hidden_dim, text_dim, dropout: sizes of d / u, the MLPs, the text part of u.
         num_layers: GNN layers (message-passing steps).
         use_mask: the patient-conditioned mask layer σ(MLP(u)) (off in the AG-Mask ablation).
-        pretrain_epochs, pretrain_lr, pretrain_weight_decay: NCF pre-training at fit start.
-        ncf_checkpoint: a checkpoint of ``configs/ncf.yaml`` to load instead of pre-training.
+        pretrain_epochs, pretrain_lr, pretrain_weight_decay: the NCF stage's pre-training, before
+            the first epoch of ``fit`` (0: none; NCF keeps its initial weights).
+        ncf_checkpoint: a checkpoint of ``configs/ncf.yaml`` (fitted separately) to load in the NCF
+            stage instead of pre-training (``pretrain_epochs`` is then unused).
         similar_negatives: extra negatives per training visit drawn from the packages of its most
             similar training patients (other patients, other packages; the same search as the
             evaluation candidates), on top of the DataModule's uniformly sampled ones. 0 = the
@@ -118,6 +149,8 @@ class DPR(PackageRecModule):
         super().__init__(*args, **kwargs)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if pretrain_epochs < 0:
+            raise ValueError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
         if score_head not in ("mlp", "mlp_dot"):
             raise ValueError(f"score_head must be 'mlp' or 'mlp_dot', got {score_head!r}")
         if message_passing not in ("edge_gru", "gated"):
@@ -152,33 +185,61 @@ class DPR(PackageRecModule):
         """(initial node states h⁰, final node states h, auxiliary losses) of every graph."""
         raise NotImplementedError  # pragma: no cover
 
-    # --- pre-training stage (§3) -------------------------------------------------------------
+    # --- NCF stage (§3) -----------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """The pre-fit stage: NCF pre-training (or an NCF checkpoint), then u's encoder and the drug
-        embeddings start from it. Runs once per model; a resumed fit finds it done (``pretrained``)."""
+        """The NCF stage, then u's encoder and the drug embeddings start from NCF. Runs once per
+        model; a resumed fit finds it done (``pretrained``)."""
         if bool(self.pretrained):  # resumed from a checkpoint of this model
             return
-        hp = self.hparams
-        if hp.ncf_checkpoint:
-            self.load_ncf(hp.ncf_checkpoint)
-            log.info("NCF pre-training stage: loaded %s", hp.ncf_checkpoint)
-        elif hp.pretrain_epochs > 0:
-            history = self.pretrain()
-            log.info("NCF pre-training stage: BPR %.4f -> %.4f over %d epochs", history[0], history[-1], len(history))
-            if self.trainer.world_size > 1:
-                # Every rank pre-trained on the whole training split. DDP synchronises weights
-                # only when it wraps the model, before this, so rank 0's result is sent to all:
-                # nondeterministic kernels (GPU) must not start the ranks from different weights.
-                state = {k: v.cpu() for k, v in self.ncf.state_dict().items()}
-                self.ncf.load_state_dict(self.trainer.strategy.broadcast(state, src=0))
+        self.ncf_stage()
         self.initialise_from_ncf()
         self.pretrained.fill_(True)
 
-    def pretrain(self, fast: bool | None = None) -> list[float]:
+    def ncf_stage(self) -> None:
+        """NCF's weights for this fit: loaded from ``ncf_checkpoint`` (a separate fit of
+        ``configs/ncf.yaml``), else pre-trained here for ``pretrain_epochs`` (``pretrain``).
+
+        The stage's figures go to the trainer's loggers under ``ncf_pretrain/``: ``loss`` (mean
+        BPR of each epoch) and ``seconds`` (since the stage began; the last is its duration),
+        against their own axis ``ncf_pretrain/epoch`` (``log_stage_figures``); one line on the
+        console says which of the two ways NCF came.
+        """
+        hp = self.hparams
+        if hp.ncf_checkpoint:
+            self.load_ncf(hp.ncf_checkpoint)
+            rank_zero_info(
+                f"medrec: NCF stage: weights loaded from ncf_checkpoint {hp.ncf_checkpoint} "
+                "(pretrain_epochs unused; no pre-training in this run)"
+            )
+            return
+        if hp.pretrain_epochs == 0:
+            rank_zero_info("medrec: NCF stage: skipped (pretrain_epochs=0, no ncf_checkpoint): NCF stays untrained")
+            return
+        start = time.perf_counter()
+
+        def log_epoch(epoch: int, loss: float) -> None:
+            seconds = time.perf_counter() - start
+            log_stage_figures(
+                self.loggers, {PRETRAIN_AXIS: epoch, "ncf_pretrain/loss": loss, "ncf_pretrain/seconds": seconds}
+            )
+
+        history = self.pretrain(on_epoch=log_epoch)
+        rank_zero_info(
+            f"medrec: NCF stage: pre-trained {len(history)} epoch(s) in {time.perf_counter() - start:.1f} s, "
+            f"BPR {history[0]:.4f} -> {history[-1]:.4f} (logged as ncf_pretrain/*)"
+        )
+        if self.trainer.world_size > 1:
+            # Every rank pre-trained on the whole training split. DDP synchronises weights
+            # only when it wraps the model, before this, so rank 0's result is sent to all:
+            # nondeterministic kernels (GPU) must not start the ranks from different weights.
+            state = {k: v.cpu() for k, v in self.ncf.state_dict().items()}
+            self.ncf.load_state_dict(self.trainer.strategy.broadcast(state, src=0))
+
+    def pretrain(self, fast: bool | None = None, on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
         """NCF pre-training (§3) of ``self.ncf`` on this process, over the knowledge's training
         visits (``PackageKnowledge.training_visits``, batched and shuffled as the DataModule
         does); the mean BPR of each epoch. ``fast``: one batch of one epoch (default: the
-        trainer's ``fast_dev_run``)."""
+        trainer's ``fast_dev_run``); ``on_epoch(epoch, loss)``: called after each epoch."""
         hp = self.hparams
         if fast is None:
             fast = self._trainer is not None and bool(self.trainer.fast_dev_run)
@@ -190,6 +251,7 @@ class DPR(PackageRecModule):
             weight_decay=hp.pretrain_weight_decay,
             device=self.device,
             max_batches=1 if fast else None,
+            on_epoch=on_epoch,
         )
 
     def on_train_start(self) -> None:

@@ -9,6 +9,7 @@ trained u and d initialise DPR; u also defines patient similarity for the candid
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -115,14 +116,16 @@ def pretrain_ncf(
     weight_decay: float = 1e-5,
     device: torch.device | str = "cpu",
     max_batches: int | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Fixed-length BPR warm start of ``core`` (DPR §3) before a DPR model trains; mean loss per epoch.
 
-    A plain loop rather than a nested Trainer: DPR runs it as its pre-fit stage (``DPR.pretrain``,
-    from ``on_fit_start``, over the knowledge's training visits; one command trains DPR end to
-    end), where a second Trainer would fight over the process, the logger and the strategy. To
-    pre-train under Lightning's loop instead, fit ``configs/ncf.yaml`` and pass its checkpoint as
-    DPR's ``ncf_checkpoint``.
+    ``on_epoch(epoch, mean loss)`` is called after each epoch (DPR logs the stage's figures with it).
+    A plain loop rather than a nested Trainer: DPR runs it as its NCF stage (``DPR.ncf_stage``,
+    before the first epoch of ``fit``, over the knowledge's training visits; one command trains
+    DPR end to end), where a second Trainer would fight over the process, the logger and the
+    strategy. To pre-train under Lightning's loop instead, fit ``configs/ncf.yaml`` and pass its
+    checkpoint as DPR's ``ncf_checkpoint``.
     """
     flags = [p.requires_grad for p in core.parameters()]
     core.requires_grad_(True)
@@ -131,7 +134,7 @@ def pretrain_ncf(
     core.train()
     history = []
     with torch.enable_grad():
-        for _ in range(epochs):
+        for epoch in range(epochs):
             total, count = torch.zeros((), device=device), 0
             for step, batch in enumerate(loader):
                 if max_batches is not None and step >= max_batches:
@@ -143,6 +146,8 @@ def pretrain_ncf(
                 optimizer.step()
                 total, count = total + loss.detach(), count + 1  # no host sync per step
             history.append(float(total) / max(count, 1))
+            if on_epoch is not None:
+                on_epoch(epoch, history[-1])
     core.train(was_training)
     for p, flag in zip(core.parameters(), flags):
         p.requires_grad_(flag)

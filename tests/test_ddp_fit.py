@@ -44,8 +44,8 @@ class RankAgreement(L.Callback):
 class NoisyPretrainDPR(DPRWG):
     """DPR-WG whose pre-training ends differently on each rank, as nondeterministic GPU kernels may."""
 
-    def pretrain(self) -> list[float]:
-        history = super().pretrain()
+    def pretrain(self, *args, **kwargs) -> list[float]:
+        history = super().pretrain(*args, **kwargs)
         with torch.no_grad():
             for p in self.ncf.parameters():
                 p.add_(0.01 * (self.global_rank + 1))

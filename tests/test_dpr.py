@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import re
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -10,7 +14,7 @@ import torch
 from conftest import quiet_trainer
 
 from datamodules.package_graph import PackageGraphDataModule, pad_packages
-from lightning_modules.dpr import DPRAG, DPRWG
+from lightning_modules.dpr import DPRAG, DPRWG, PRETRAIN_AXIS, log_stage_figures
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
 from lightning_modules.layers import AttributedGraphConv
 from lightning_modules.ncf import NCF, bpr_drug_loss, pretrain_ncf
@@ -271,6 +275,94 @@ def test_pretraining_state_travels_with_the_checkpoint(data):
     assert not any(p.requires_grad for p in model.encoder.parameters())
     model.pretrained.fill_(True)
     model.on_fit_start()  # resumed: no trainer needed, nothing re-trained
+
+
+# --- the NCF stage: in the run, or a separate fit of configs/ncf.yaml --------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dpr_cli(command: str, config: str, root, *extra: str):
+    """train.py on the tiny cohort, with the CSV logger and checkpoints under the working folder."""
+    from train import make_cli
+
+    common = [
+        f"--config={ROOT / 'configs' / config}",
+        f"--data.init_args.root={root}",
+        "--data.init_args.batch_size=16",
+    ]
+    common += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    common += ["--trainer.logger.init_args.save_dir=runs"]
+    if command == "fit":
+        common += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    return make_cli([command, *common, *extra])
+
+
+def csv_rows(cli) -> list[dict]:
+    return list(csv.DictReader(open(Path(cli.trainer.logger.log_dir) / "metrics.csv")))
+
+
+def test_ncf_stage_is_logged_on_its_own_axis(tiny_cohort_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    cli = dpr_cli("fit", "dpr_wg.yaml", tiny_cohort_dir, "--model.init_args.pretrain_epochs=3")
+    rows = csv_rows(cli)
+    stage = [r for r in rows if r["ncf_pretrain/loss"]]
+    assert [int(r["ncf_pretrain/epoch"]) for r in stage] == [0, 1, 2]
+    assert all(r["train_loss_epoch"] == "" for r in stage)  # records of their own, not of the fit's steps
+    seconds = [float(r["ncf_pretrain/seconds"]) for r in stage]
+    assert 0 < seconds[0] <= seconds[1] <= seconds[2]
+    said = re.search(r"NCF stage: pre-trained 3 epoch\(s\) in [0-9.]+ s, BPR ([0-9.]+) -> ([0-9.]+)", caplog.text)
+    assert said, "the console does not say the NCF stage ran"
+    losses = [float(r["ncf_pretrain/loss"]) for r in stage]
+    assert (float(said[1]), float(said[2])) == (round(losses[0], 4), round(losses[-1], 4))
+    assert any(r["train_loss_epoch"] for r in rows)  # the fit logged as before
+
+
+def test_dpr_from_a_separate_ncf_fit_through_train_py(tiny_cohort_dir, tmp_path, monkeypatch, caplog):
+    """The two-step workflow of docs/dpr.md: fit configs/ncf.yaml, then DPR with its checkpoint
+    (no pre-training in DPR's run), then test and predict from DPR's checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    dpr_cli("fit", "ncf.yaml", tiny_cohort_dir, "--checkpoint.dirpath=ncf")
+    ncf = tmp_path / "ncf" / "last.ckpt"
+    cli = dpr_cli(
+        "fit", "dpr_wg.yaml", tiny_cohort_dir, f"--model.init_args.ncf_checkpoint={ncf}", "--checkpoint.dirpath=dpr"
+    )
+    assert f"NCF stage: weights loaded from ncf_checkpoint {ncf}" in caplog.text
+    assert not any(r.get("ncf_pretrain/loss") for r in csv_rows(cli))
+    trained = torch.load(ncf, weights_only=False)["state_dict"]
+    dpr = torch.load(tmp_path / "dpr" / "last.ckpt", weights_only=False)["state_dict"]
+    core = {k[len("core.") :]: v for k, v in trained.items() if k.startswith("core.")}
+    assert core and all(torch.equal(dpr[f"ncf.{k}"], v) for k, v in core.items())  # NCF frozen in DPR
+    assert not torch.equal(dpr["drugs.weight"], core["drugs.weight"])  # started from it, then fine-tuned
+    tested = dpr_cli("test", "dpr_wg.yaml", tiny_cohort_dir, "--ckpt_path=dpr/last.ckpt")
+    assert 0 < float(tested.trainer.callback_metrics["test_jaccard"]) <= 1
+    dpr_cli("predict", "dpr_wg.yaml", tiny_cohort_dir, "--ckpt_path=dpr/last.ckpt", "--predict_output.path=recs.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "recs.jsonl").read_text().splitlines()]
+    assert records and all(r["drugs"] for r in records)
+
+
+def test_ncf_stage_figures_have_their_own_wandb_axis(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from test_sweeps_and_logging import finish_wandb, offline_run, wandb_records
+
+    from callbacks.wandb_logging import MedRecWandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = MedRecWandbLogger(save_dir=str(tmp_path / "runs"))
+    for epoch, loss in enumerate([0.7, 0.5]):
+        log_stage_figures([logger], {PRETRAIN_AXIS: epoch, "ncf_pretrain/loss": loss, "ncf_pretrain/seconds": 1.0})
+    logger.log_metrics({"train_loss_step": 0.3}, step=0)  # the fit's step 0 comes after the stage
+    finish_wandb()
+    run = offline_run(tmp_path / "runs")
+    stage = [h for h in run["history"] if "ncf_pretrain/loss" in h]
+    assert [(h[PRETRAIN_AXIS], h["ncf_pretrain/loss"]) for h in stage] == [(0, 0.7), (1, 0.5)]
+    assert not any("trainer/global_step" in h for h in stage)
+    axes = {
+        r.metric.name: r.metric.step_metric
+        for r in wandb_records(run["dir"])
+        if r.WhichOneof("record_type") == "metric"
+    }
+    assert axes["ncf_pretrain/loss"] == axes["ncf_pretrain/seconds"] == PRETRAIN_AXIS
 
 
 def test_a_checkpoint_loads_only_into_its_own_message_passing(data, train_batch, tmp_path):
