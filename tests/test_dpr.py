@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import quiet_trainer
 
-from datamodules.package_graph import PackageGraphDataModule, pad_packages
+from datamodules.package_graph import PackageGraphDataModule, pad_packages, split_package_graphs
 from lightning_modules.dpr import DPRAG, DPRWG, PRETRAIN_AXIS, log_stage_figures
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
 from lightning_modules.layers import AttributedGraphConv
@@ -101,7 +101,7 @@ def test_batched_scores_equal_scores_of_each_graph_alone(cls, options, message_p
     together = model.package_scores(u, graphs)[0]
     builder = model.graph_builder
     alone = []
-    for i, graph in enumerate(graphs.to_data_list()[:12]):
+    for i, graph in enumerate(split_package_graphs(graphs)[:12]):
         single = builder.build(graph.x.unsqueeze(0))
         single.owner = graphs.owner[i : i + 1]
         alone.append(model.package_scores(u, single)[0])

@@ -17,6 +17,7 @@ from datamodules.package_graph import (
     graph_matrices,
     package_graph,
     pad_packages,
+    split_package_graphs,
 )
 from lightning_modules.layers import PackageGraphBuilder, nearest_candidates
 
@@ -62,7 +63,7 @@ def test_package_graph_has_exactly_the_labelled_and_frequent_edges():
     relation, p = hand_made_graph_inputs()
     builder = PackageGraphBuilder(graph_matrices(relation, p, threshold=0.01))
     graphs = builder.build(pad_packages([np.array([0, 1, 2, 3, 4]), np.array([1, 0]), np.array([4])]))
-    full, pair, single = graphs.to_data_list()
+    full, pair, single = split_package_graphs(graphs)
     assert edges_of(full) == {
         (0, 1): (SYN, 0.3),
         (2, 3): (ANT, 0.0),
@@ -83,7 +84,7 @@ def test_dpr_wg_edge_weights_follow_the_relation_signs():
 
     relation, p = hand_made_graph_inputs()
     graphs = PackageGraphBuilder(graph_matrices(relation, p)).build(pad_packages([np.arange(5)]))
-    weights = dict(zip(edges_of(graphs.to_data_list()[0]), DPRWG.edge_weight(_Modes("typed"), graphs).tolist()))
+    weights = dict(zip(edges_of(split_package_graphs(graphs)[0]), DPRWG.edge_weight(_Modes("typed"), graphs).tolist()))
     assert weights == pytest.approx({(0, 1): 1.0, (2, 3): -1.0, (3, 2): -1.0, (1, 3): 0.0, (0, 2): 0.5, (3, 0): 0.02})
     no_types = DPRWG.edge_weight(_Modes("cooccurrence"), graphs)
     assert torch.equal(no_types, graphs.cooccurrence)
@@ -105,6 +106,12 @@ def test_vectorised_batch_equals_from_data_list_of_single_graphs():
     for key in ("x", "edge_index", "relation", "cooccurrence", "batch", "ptr"):
         assert torch.equal(getattr(built, key), getattr(expected, key)), key
     assert built.num_graphs == 40 and built.num_drugs.tolist() == [len(pk) for pk in packages]
+    # built from public API only (no private slice records), and split back into the same graphs
+    assert all(getattr(built, name, None) is None for name in ("_slice_dict", "_inc_dict", "_num_graphs"))
+    for graph, pk in zip(split_package_graphs(built), packages, strict=True):
+        reference = package_graph(pk, relation, p, 0.05)
+        for key in ("x", "edge_index", "relation", "cooccurrence"):
+            assert torch.equal(graph[key], reference[key]), key
 
 
 def test_nearest_candidates_exclude_the_patients_own_visits_and_repeat_packages():
@@ -169,7 +176,7 @@ def test_training_batch_pairs_every_visit_with_other_packages(package_data):
     sizes = graphs.num_drugs.view(n, 1 + r)
     hot = batch["package_hot"]
     assert torch.equal(sizes[:, 0], hot.sum(1).long())  # the true package comes first
-    packages = [set(g.x.tolist()) for g in graphs.to_data_list()]
+    packages = [set(g.x.tolist()) for g in split_package_graphs(graphs)]
     for i in range(n):
         own = packages[i * (1 + r)]
         assert own == set(hot[i].nonzero().flatten().tolist())

@@ -12,7 +12,8 @@ per job: ``descriptions`` (W and T), ``graphs`` (§4.1), ``knowledge`` (``Packag
   relation matrix labels the pair (R_vu ≠ 0) or the training co-occurrence proportion
   p_vu = num_vu / num_v exceeds a threshold (0.01 in the paper). ``build_package_graphs`` builds
   the graphs of any number of packages at once, with tensor operations only, into one
-  torch-geometric ``Batch`` whose edges carry ``relation`` (R_vu) and ``cooccurrence`` (p_vu);
+  torch-geometric ``Batch`` whose edges carry ``relation`` (R_vu) and ``cooccurrence`` (p_vu)
+  (``split_package_graphs`` gives them back one by one);
 * ``PackageGraphDataModule``: training pairs (patient, own package) with negative packages
   sampled from other training patients; evaluation batches grouped by patient in the layout
   of ``VisitSequenceDataModule`` (so the shared metrics apply unchanged) plus every visit's
@@ -36,7 +37,13 @@ from datamodules.package_graph.descriptions import (
     note_vocabulary,
     visit_documents,
 )
-from datamodules.package_graph.graphs import GraphMatrices, build_package_graphs, graph_matrices, package_graph
+from datamodules.package_graph.graphs import (
+    GraphMatrices,
+    build_package_graphs,
+    graph_matrices,
+    package_graph,
+    split_package_graphs,
+)
 from datamodules.package_graph.knowledge import PackageKnowledge, TrainingVisits, cooccurrence_proportions
 from datamodules.package_graph.padding import pad_packages, pad_tokens
 
@@ -59,5 +66,6 @@ __all__ = [
     "package_graph",
     "pad_packages",
     "pad_tokens",
+    "split_package_graphs",
     "visit_documents",
 ]
