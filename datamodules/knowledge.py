@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from datamodules.cohort import CODE_COLUMNS, CODE_FIELDS, REQUIRED_COLUMNS, CohortError
+from datamodules.errors import CheckpointError
 
 ATC3_CODE = re.compile(r"^[A-Z][0-9]{2}[A-Z]$")
 
@@ -39,6 +40,20 @@ def atc3_medication_names(codes: list[str]) -> list[str] | None:
         return None
     names = atc3_names()
     return [names.get(code, code) for code in codes]
+
+
+def required(state: dict, keys, what: str) -> dict:
+    """``state`` (a ``to_state`` dict a checkpoint stored) if it has every key its ``to_state``
+    writes; else a one-line ``CheckpointError`` naming the missing keys. Every key is written on
+    every save (``None`` where the data has no such thing), so a missing one means the state is
+    not what this medrec writes, not that the data lacked something."""
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint's {what} state lacks {', '.join(map(repr, missing))}: "
+            "not written by this version of medrec; train the model again"
+        )
+    return state
 
 
 def ragged_state(arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -102,6 +117,7 @@ class TrainingStays:
 
     @classmethod
     def from_state(cls, state: dict) -> TrainingStays:
+        state = required(state, ("procedures", "drugs", "ages", "stays", "keys"), "training stays")
         return cls(
             from_ragged_state(state["procedures"]),
             from_ragged_state(state["drugs"]),
@@ -138,8 +154,8 @@ class CohortKnowledge:
     training_stays: TrainingStays | None = None
 
     def __post_init__(self) -> None:
-        # Cohorts imported before the importers named their drugs (a cached benchmark import, a
-        # cohort folder, an older checkpoint) still get names when their drugs are ATC3 classes.
+        # Names are optional in a cohort (vocab.json may lack medication_names, e.g. a cohort
+        # written by hand or by another tool): ATC3 classes still get theirs.
         if self.medication_names is None:
             self.medication_names = atc3_medication_names(self.vocab.get("medication", []))
 
@@ -198,27 +214,44 @@ class CohortKnowledge:
             "training_stays": None if self.training_stays is None else self.training_stays.to_state(),
         }
 
+    STATE_KEYS = (
+        "vocab",
+        "ddi_adj",
+        "ehr_adj",
+        "smiles",
+        "relations",
+        "medication_names",
+        "fields",
+        "source",
+        "drug_prevalence",
+        "diagnosis_prevalence",
+        "training_stays",
+    )
+    """What ``to_state`` writes; ``from_state`` requires every one (a value may be ``None``)."""
+
     @classmethod
     def from_state(cls, state: dict) -> CohortKnowledge:
+        state = required(state, cls.STATE_KEYS, "knowledge")
+
         return cls(
             vocab=state["vocab"],
             ddi_adj=np.asarray(state["ddi_adj"], dtype=np.float32),
             ehr_adj=np.asarray(state["ehr_adj"], dtype=np.float32),
-            smiles=state.get("smiles", {}),
-            relations=None if state.get("relations") is None else np.asarray(state["relations"], dtype=np.int64),
-            medication_names=state.get("medication_names"),
-            fields=frozenset(state.get("fields", ())),
-            source=state.get("source", "checkpoint"),
-            drug_prevalence=(
-                None if state.get("drug_prevalence") is None else torch.as_tensor(state["drug_prevalence"]).numpy()
-            ),
+            smiles=state["smiles"],
+            relations=None if state["relations"] is None else np.asarray(state["relations"], dtype=np.int64),
+            medication_names=state["medication_names"],
+            fields=frozenset(state["fields"]),
+            source=state["source"],
+            drug_prevalence=None
+            if state["drug_prevalence"] is None
+            else torch.as_tensor(state["drug_prevalence"]).numpy(),
             diagnosis_prevalence=(
                 None
-                if state.get("diagnosis_prevalence") is None
+                if state["diagnosis_prevalence"] is None
                 else torch.as_tensor(state["diagnosis_prevalence"]).numpy()
             ),
             training_stays=(
-                None if state.get("training_stays") is None else TrainingStays.from_state(state["training_stays"])
+                None if state["training_stays"] is None else TrainingStays.from_state(state["training_stays"])
             ),
         )
 

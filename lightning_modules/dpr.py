@@ -34,7 +34,7 @@ from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
 from datamodules.batches import PackageEvalBatch, PackagePairBatch, VisitDescriptions
-from datamodules.knowledge import CohortKnowledge
+from datamodules.errors import CheckpointError
 from datamodules.options import DropoutRate, PositiveFloat, PositiveInt
 from datamodules.safe_pickle import load_checkpoint
 from lightning_modules.base import KNOWLEDGE_KEY
@@ -260,11 +260,13 @@ class DPR(PackageRecModule):
 
     def load_ncf(self, path: str) -> None:
         checkpoint = load_checkpoint(path, map_location=self.device)  # weights_only: no code runs
-        if KNOWLEDGE_KEY in checkpoint:
-            self.knowledge.check_compatible(CohortKnowledge.from_state(checkpoint[KNOWLEDGE_KEY]), what=path)
+        if KNOWLEDGE_KEY not in checkpoint:
+            raise CheckpointError(f"ncf_checkpoint {path}: not a medrec checkpoint (no {KNOWLEDGE_KEY})")
+        # the data's own knowledge class: DPR's disease-document vocabulary is compared too
+        self.knowledge.check_compatible(type(self.knowledge).from_state(checkpoint[KNOWLEDGE_KEY]), what=path)
         state = {k[len("core.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("core.")}
         if not state:
-            raise ValueError(f"{path}: not an NCF checkpoint (no core.* weights)")
+            raise CheckpointError(f"ncf_checkpoint {path}: not an NCF checkpoint (no core.* weights)")
         self.ncf.load_state_dict(state)
 
     # settings that change the parameters' shapes or meaning: a checkpoint loads only into their values
@@ -277,9 +279,11 @@ class DPR(PackageRecModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        written = checkpoint.get("hyper_parameters", {})
+        written = checkpoint.get("hyper_parameters") or {}
         for name in self.ARCHITECTURE_SETTINGS:
-            saved = written.get(name, self.hparams[name])
+            if name not in written:
+                raise CheckpointError(f"the checkpoint does not record {name}: not a {type(self).__name__} checkpoint")
+            saved = written[name]
             if saved != self.hparams[name]:
                 raise ValueError(
                     f"the checkpoint was trained with {name}={saved!r}, this model has "

@@ -11,10 +11,6 @@ from lightning_modules.base import MedRecModule
 from lightning_modules.visit_ops import previous_visit
 
 
-def _default_anchor(module, state_dict, prefix, *args) -> None:
-    state_dict.setdefault(f"{prefix}ddp_anchor", torch.zeros(()))
-
-
 class DrugFrequency(MedRecModule):
     """Recommends every drug prescribed in at least ``threshold`` of training visits.
 
@@ -32,9 +28,8 @@ class DrugFrequency(MedRecModule):
         self.register_buffer("prevalence", torch.tensor(self.knowledge.drug_prevalence, dtype=torch.float32))  # a copy
         # Lightning wraps the module in DistributedDataParallel to fit under DDP, and DDP refuses
         # a module without a trainable parameter. This scalar is never used or optimised; it only
-        # lets the wrapper accept the model. Checkpoints saved before it existed still load.
+        # lets the wrapper accept the model.
         self.ddp_anchor = nn.Parameter(torch.zeros(()))
-        self.register_load_state_dict_pre_hook(_default_anchor)
 
     def training_step(self, batch: VisitBatch, batch_idx: int) -> None:
         """Nothing to learn: the prevalence comes with the knowledge."""

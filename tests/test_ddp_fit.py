@@ -155,12 +155,3 @@ def test_pid_controller_and_weights_agree_across_ranks(tiny_cohort_dir, tmp_path
     assert len(set(betas)) == 3  # β moved at every step
     s0, s1 = (torch.load(tmp_path / f"fit_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
-
-
-def test_frequency_checkpoints_from_before_the_ddp_anchor_load(tiny_datamodule):
-    old = DrugFrequency(knowledge=tiny_datamodule.knowledge).state_dict()
-    del old["ddp_anchor"]
-    old["prevalence"] = torch.linspace(0, 1, len(old["prevalence"]))
-    model = DrugFrequency(knowledge=tiny_datamodule.knowledge)
-    model.load_state_dict(old)  # strict
-    torch.testing.assert_close(model.prevalence, old["prevalence"])

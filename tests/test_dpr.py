@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import quiet_trainer
 
+from datamodules.cohort import CohortError
+from datamodules.errors import CheckpointError
 from datamodules.package_graph import PackageGraphDataModule, pad_packages, split_package_graphs
 from lightning_modules.dpr import DPRAG, DPRWG, PRETRAIN_AXIS, log_stage_figures
 from lightning_modules.edge_gru import AttributedEdgeGRUConv, EdgeGRUNetwork
@@ -267,6 +269,14 @@ def test_dpr_starts_from_an_ncf_checkpoint(data, tmp_path):
     model.initialise_from_ncf()
     assert torch.equal(model.ncf.drugs.weight, ncf.core.drugs.weight)
     assert torch.equal(model.encoder.document.weight, ncf.core.encoder.document.weight)
+    # a checkpoint that is not medrec's, or of another disease-document vocabulary, is refused
+    torch.save({"state_dict": ncf.state_dict()}, tmp_path / "bare.ckpt")
+    with pytest.raises(CheckpointError, match=r"bare.ckpt: not a medrec checkpoint \(no cohort_knowledge\)"):
+        model.load_ncf(str(tmp_path / "bare.ckpt"))
+    other = {**data.knowledge.to_state(), "document_vocab": [*data.knowledge.document_vocab, "extra"]}
+    torch.save({"state_dict": ncf.state_dict(), KNOWLEDGE_KEY: other}, tmp_path / "other.ckpt")
+    with pytest.raises(CohortError, match="different disease-document vocabulary"):
+        model.load_ncf(str(tmp_path / "other.ckpt"))
 
 
 def test_pretraining_state_travels_with_the_checkpoint(data):
@@ -381,6 +391,9 @@ def test_a_checkpoint_loads_only_into_its_own_message_passing(data, train_batch,
     # a model a config built with the other layers (train.py ... --ckpt_path) is told which setting loads it
     checkpoint = torch.load(tmp_path / "gated.ckpt", weights_only=False)
     with pytest.raises(ValueError, match="trained with message_passing='gated'.*message_passing=gated"):
+        DPRWG(knowledge=data.knowledge, **SMALL).on_load_checkpoint(checkpoint)
+    del checkpoint["hyper_parameters"]["message_passing"]
+    with pytest.raises(CheckpointError, match="does not record message_passing: not a DPRWG checkpoint"):
         DPRWG(knowledge=data.knowledge, **SMALL).on_load_checkpoint(checkpoint)
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batches import CandidatePool, NCFBatch, VisitDescriptions
 from datamodules.cohort import CohortError
-from datamodules.knowledge import CohortKnowledge, from_ragged_state, ragged_state
+from datamodules.knowledge import CohortKnowledge, from_ragged_state, ragged_state, required
 from datamodules.package_graph.descriptions import describe_rows
 from datamodules.package_graph.graphs import GraphMatrices, graph_matrices
 from datamodules.package_graph.padding import pad_packages
@@ -106,8 +106,20 @@ class TrainingVisits:
             "seed": self.seed,
         }
 
+    STATE_KEYS = (
+        "document",
+        "notes",
+        "patient_key",
+        "package_id",
+        "packages",
+        "similar_patients",
+        "batch_size",
+        "seed",
+    )
+
     @classmethod
     def from_state(cls, state: dict) -> TrainingVisits:
+        state = required(state, cls.STATE_KEYS, "training visits")
         return cls(
             document=from_ragged_state(state["document"]),
             notes=from_ragged_state(state["notes"]),
@@ -162,19 +174,30 @@ class PackageKnowledge(CohortKnowledge):
         )
         return state
 
+    STATE_KEYS = (
+        *CohortKnowledge.STATE_KEYS,
+        "document_vocab",
+        "note_vocab",
+        "cooccurrence",
+        "cooccurrence_threshold",
+        "popularity",
+        "mean_package_size",
+        "training_visits",
+    )
+
     @classmethod
     def from_state(cls, state: dict) -> PackageKnowledge:
-        base = CohortKnowledge.from_state(state)
+        base = CohortKnowledge.from_state(required(state, cls.STATE_KEYS, "package knowledge"))
         return cls(
             **{name: getattr(base, name) for name in base.__dataclass_fields__},
-            document_vocab=state.get("document_vocab", []),
-            note_vocab=state.get("note_vocab", []),
-            cooccurrence=None if state.get("cooccurrence") is None else np.asarray(state["cooccurrence"], np.float32),
-            cooccurrence_threshold=state.get("cooccurrence_threshold", 0.01),
-            popularity=None if state.get("popularity") is None else np.asarray(state["popularity"], np.float32),
-            mean_package_size=state.get("mean_package_size", 1.0),
+            document_vocab=state["document_vocab"],
+            note_vocab=state["note_vocab"],
+            cooccurrence=None if state["cooccurrence"] is None else np.asarray(state["cooccurrence"], np.float32),
+            cooccurrence_threshold=state["cooccurrence_threshold"],
+            popularity=None if state["popularity"] is None else np.asarray(state["popularity"], np.float32),
+            mean_package_size=state["mean_package_size"],
             training_visits=(
-                None if state.get("training_visits") is None else TrainingVisits.from_state(state["training_visits"])
+                None if state["training_visits"] is None else TrainingVisits.from_state(state["training_visits"])
             ),
         )
 
@@ -185,8 +208,8 @@ class PackageKnowledge(CohortKnowledge):
 
     def check_compatible(self, other: CohortKnowledge, what: str = "checkpoint") -> None:
         super().check_compatible(other, what)
-        theirs = getattr(other, "document_vocab", None)
-        if theirs is not None and theirs and list(theirs) != list(self.document_vocab):
+        # ``other`` may be the plain CohortKnowledge of a state (the vocabularies every model shares)
+        if isinstance(other, PackageKnowledge) and list(other.document_vocab) != list(self.document_vocab):
             raise CohortError(f"{what} was trained on a different disease-document vocabulary than this data")
 
 
