@@ -21,7 +21,7 @@ from torchmetrics.aggregation import CatMetric
 
 from datamodules.batches import PatientBatch, VisitBatch
 from datamodules.cohort import CohortError
-from datamodules.errors import MedRecError
+from datamodules.errors import CheckpointError, MedRecError
 from datamodules.knowledge import CohortKnowledge
 from datamodules.options import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, check_range, plain
 from datamodules.safe_pickle import load_checkpoint
@@ -250,9 +250,12 @@ class MedRecModule(L.LightningModule):
         checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if KNOWLEDGE_KEY in checkpoint:
-            self.knowledge.check_compatible(CohortKnowledge.from_state(checkpoint[KNOWLEDGE_KEY]))
-        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+        for key in (KNOWLEDGE_KEY, RNG_KEY):  # both written by every save (on_save_checkpoint)
+            if key not in checkpoint:
+                raise CheckpointError(f"the checkpoint has no {key}: not written by this version of medrec")
+        # the knowledge's own class: what it adds (DPR's disease-document vocabulary) is compared too
+        self.knowledge.check_compatible(type(self.knowledge).from_state(checkpoint[KNOWLEDGE_KEY]))
+        if self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_states(checkpoint[RNG_KEY])
 
     @classmethod

@@ -71,3 +71,21 @@ def test_a_checkpoint_whose_knowledge_lacks_a_key_fails_to_load_with_that_line(t
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match=r"knowledge state lacks 'fields'"):
         LogisticRegression.from_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("key", ["cohort_knowledge", "medrec_rng_states"])
+def test_a_checkpoint_without_knowledge_or_random_states_does_not_load(tiny_datamodule, tmp_path, key):
+    from conftest import quiet_trainer
+
+    from lightning_modules import LogisticRegression
+    from lightning_modules.base import KNOWLEDGE_KEY, RNG_KEY
+
+    assert {KNOWLEDGE_KEY, RNG_KEY} == {"cohort_knowledge", "medrec_rng_states"}
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(LogisticRegression(knowledge=tiny_datamodule.knowledge), datamodule=tiny_datamodule)
+    trainer.save_checkpoint(tmp_path / "lr.ckpt")
+    checkpoint = torch.load(tmp_path / "lr.ckpt", weights_only=False)
+    LogisticRegression(knowledge=tiny_datamodule.knowledge).on_load_checkpoint(checkpoint)  # as saved: loads
+    del checkpoint[key]
+    with pytest.raises(CheckpointError, match=f"the checkpoint has no {key}: not written by this version"):
+        LogisticRegression(knowledge=tiny_datamodule.knowledge).on_load_checkpoint(checkpoint)
