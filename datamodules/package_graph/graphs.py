@@ -74,8 +74,8 @@ def build_package_graphs(packages: torch.Tensor, matrices: GraphMatrices) -> Bat
     record without writing PyG's private ``_slice_dict``/``_inc_dict``, and going through
     ``from_data_list`` costs one ``Data`` per graph: 1.4–2.2 × this build's time for a MIMIC-III
     training batch (352 graphs) even with every graph prebuilt, and the model builds its
-    candidates' graphs on its device, new packages among them. Nothing but inspection needs the graphs one by one:
-    ``split_package_graphs`` gives them.
+    candidates' graphs on its device, new packages among them. Nothing but inspection needs the
+    graphs one by one: ``split_package_graphs`` gives them.
     """
     relation, cooccurrence, adjacency = matrices
     packages = packages.to(adjacency.device)
