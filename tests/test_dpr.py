@@ -327,15 +327,21 @@ def test_ncf_stage_is_logged_on_its_own_axis(tiny_cohort_dir, tmp_path, monkeypa
     assert any(r["train_loss_epoch"] for r in rows)  # the fit logged as before
 
 
+README_NCF_FIT = "python train.py fit --config configs/ncf.yaml --checkpoint.dirpath=ckpt/ncf"
+README_DPR_FROM_NCF = (
+    "python train.py fit --config configs/dpr_wg.yaml --model.init_args.ncf_checkpoint=ckpt/ncf/last.ckpt"
+)
+
+
 def test_dpr_from_a_separate_ncf_fit_through_train_py(tiny_cohort_dir, tmp_path, monkeypatch, caplog):
-    """The two-step workflow of docs/dpr.md: fit configs/ncf.yaml, then DPR with its checkpoint
-    (no pre-training in DPR's run), then test and predict from DPR's checkpoint."""
+    """README's two-step workflow (its options verbatim, on the tiny cohort): fit configs/ncf.yaml, then
+    DPR with its checkpoint (no pre-training in DPR's run), then test and predict from DPR's checkpoint."""
+    readme = (ROOT / "README.md").read_text()
+    assert README_NCF_FIT in readme and README_DPR_FROM_NCF in readme, "README no longer shows the two steps"
     monkeypatch.chdir(tmp_path)
-    dpr_cli("fit", "ncf.yaml", tiny_cohort_dir, "--checkpoint.dirpath=ncf")
-    ncf = tmp_path / "ncf" / "last.ckpt"
-    cli = dpr_cli(
-        "fit", "dpr_wg.yaml", tiny_cohort_dir, f"--model.init_args.ncf_checkpoint={ncf}", "--checkpoint.dirpath=dpr"
-    )
+    dpr_cli("fit", "ncf.yaml", tiny_cohort_dir, README_NCF_FIT.split()[-1])
+    ncf = Path("ckpt/ncf/last.ckpt")
+    cli = dpr_cli("fit", "dpr_wg.yaml", tiny_cohort_dir, README_DPR_FROM_NCF.split()[-1], "--checkpoint.dirpath=dpr")
     assert f"NCF stage: weights loaded from ncf_checkpoint {ncf}" in caplog.text
     assert not any(r.get("ncf_pretrain/loss") for r in csv_rows(cli))
     trained = torch.load(ncf, weights_only=False)["state_dict"]
