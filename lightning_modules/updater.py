@@ -1,0 +1,180 @@
+"""PrescriptionUpdater: medrec's own recommender, built from what the field's methods showed works.
+
+It combines, in one batched model:
+
+* the previous visit's *recorded* prescription as an input and as the set to update, which is
+  what makes MICRON (Yang et al., IJCAI 2021) and COGNet's copy mechanism (Wu et al., WWW 2022)
+  strong: most drugs of a visit were prescribed at the visit before;
+* a causal GRU over the whole visit history (SafeDrug, GAMENet) next to the current visit;
+* MICRON's two-threshold inference, generalised: a drug of the previous prescription is kept when
+  its probability reaches ``keep_threshold``, a new drug is added when it reaches
+  ``add_threshold`` (the first visit uses ``threshold``);
+* SafeDrug's DDI loss with the PID-controlled weight β (Yang et al., IJCAI 2021, Eq. 18–19),
+  the controller reading the DDI rate of the sets the model actually recommends.
+
+Every option was chosen on the validation split only (docs/updater.md lists every configuration
+tried with its validation Jaccard).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.knowledge import CohortKnowledge
+from datamodules.options import DropoutRate, NonNegativeFloat, PositiveFloat, PositiveInt, Probability
+from lightning_modules.base import MedRecModule
+from lightning_modules.ddi_loss import ddi_loss
+from lightning_modules.metrics import batch_pair_counts
+from lightning_modules.micron import set_scores
+from lightning_modules.precision import float32
+from lightning_modules.visit_ops import causal_gru, embed_codes, margin_targets, previous_visit
+
+
+def updated_prescription(
+    probs: torch.Tensor,
+    previous: torch.Tensor,
+    visit_mask: torch.Tensor,
+    threshold: float,
+    keep_threshold: float,
+    add_threshold: float,
+) -> torch.Tensor:
+    """The recommended sets (B, T, M) bool: at the first visit ``probs >= threshold``; later, a drug
+    of the previous recorded prescription when ``probs >= keep_threshold``, any other drug when
+    ``probs >= add_threshold`` (MICRON's update S_t = (S_{t-1} ∪ {p >= δ_add}) \\ {p < δ_remove}
+    with δ_remove = keep_threshold)."""
+    first = torch.zeros_like(visit_mask, dtype=torch.bool)
+    first[:, 0] = True
+    later = torch.where(previous.bool(), probs >= keep_threshold, probs >= add_threshold)
+    sets = torch.where(first.unsqueeze(-1), probs >= threshold, later)
+    return sets & visit_mask.bool().unsqueeze(-1)
+
+
+class PrescriptionUpdater(MedRecModule):
+    """Previous prescription + visit history -> the drugs to keep and to add.
+
+    Visit vector (Eq. 1 of GAMENet/SafeDrug's code embeddings, summed): x_t = [Σ e_d ; Σ e_p ;
+    E_m m_{t-1}], with dropout on the code embeddings and m_{t-1} the previous visit's recorded
+    drugs (0 at the first visit). A causal GRU gives the history state g_t from x_1..x_t; the
+    logits are z_t = MLP([x_t ; g_t]) + m_{t-1} ⊙ c, where c (one value per drug, learned) lets
+    each drug's continuation differ from its initiation.
+
+    Loss: β ((1 − w) BCE + w multilabel margin) + (1 − β) s · L_ddi (SafeDrug Eq. 18, L_ddi the
+    expected interaction mass pᵀAp, s = ``ddi_loss_scale``); β comes from the run's
+    ``ddi_controller`` (PIDDDIController, Eq. 19) fed with the DDI rate of the recommended sets
+    of the training batch, and is 1 without a controller.
+
+    Inference: :func:`updated_prescription`; the shared metrics receive
+    :func:`lightning_modules.micron.set_scores`, whose ``>= 0.5`` set is the recommendation.
+
+    Args:
+        embedding_dim: size of the code embeddings, the GRU state and the hidden layer (d).
+        hidden_dim: width of the MLP's hidden layer.
+        dropout: dropout on the code embeddings and the hidden layer.
+        ddi_loss_scale: s, the scale of L_ddi in the loss.
+        keep_threshold, add_threshold: the update's thresholds for previously prescribed and new drugs.
+    """
+
+    EVALUATION_SETTINGS = MedRecModule.EVALUATION_SETTINGS + ("keep_threshold", "add_threshold")
+
+    def __init__(
+        self,
+        knowledge: CohortKnowledge | None = None,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.0,
+        threshold: Probability = 0.5,
+        margin_weight: Probability = 0.05,
+        bootstrap_rounds: PositiveInt = 10,
+        bootstrap_fraction: Probability = 0.8,
+        bootstrap_seed: int = 0,
+        embedding_dim: PositiveInt = 64,
+        hidden_dim: PositiveInt = 256,
+        dropout: DropoutRate = 0.4,
+        ddi_loss_scale: NonNegativeFloat = 0.05,
+        keep_threshold: Probability = 0.5,
+        add_threshold: Probability = 0.5,
+    ):
+        super().__init__(
+            knowledge,
+            lr=lr,
+            weight_decay=weight_decay,
+            threshold=threshold,
+            margin_weight=margin_weight,
+            bootstrap_rounds=bootstrap_rounds,
+            bootstrap_fraction=bootstrap_fraction,
+            bootstrap_seed=bootstrap_seed,
+        )
+        k = self.knowledge
+        dim = embedding_dim
+        self.diag_embedding = nn.Embedding(k.num_diagnoses, dim)
+        self.proc_embedding = nn.Embedding(k.num_procedures, dim)
+        self.med_embedding = nn.Linear(k.num_medications, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(3 * dim, dim, batch_first=True)
+        self.head = nn.Sequential(
+            nn.Linear(4 * dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, k.num_medications)
+        )
+        self.continuation = nn.Parameter(torch.zeros(k.num_medications))
+        self.ddi_controller = None  # set by a PIDDDIController for the fit
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits z_t (B, T, M) of every visit; padded visits give 0."""
+        previous = previous_visit(batch["medications"])
+        visits = torch.cat(
+            [
+                embed_codes(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"]),
+                embed_codes(self.proc_embedding, batch["procedures"], batch["procedures_mask"]),
+                self.med_embedding(previous),
+            ],
+            dim=-1,
+        )
+        visits = self.dropout(visits)
+        history = causal_gru(self.gru, visits, batch["lengths"])
+        logits = self.head(torch.cat([visits, history], dim=-1)) + previous * self.continuation
+        return logits * batch["visit_mask"].unsqueeze(-1).to(logits.dtype)
+
+    def recommended_sets(self, probs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hp = self.hparams
+        previous = previous_visit(batch["medications"])
+        return updated_prescription(
+            probs, previous, batch["visit_mask"], hp.threshold, hp.keep_threshold, hp.add_threshold
+        )
+
+    def predict_probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(batch)
+        with float32(logits):
+            probs = torch.sigmoid(logits.float())
+            scores = set_scores(self.recommended_sets(probs, batch), probs)
+            return scores * batch["visit_mask"].unsqueeze(-1).to(scores.dtype)
+
+    def compute_loss(
+        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], beta: float | torch.Tensor = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """β accuracy + (1 − β) s L_ddi; entries other than ``loss`` are logged."""
+        with float32(logits):
+            logits = logits.float()
+            mask = batch["visit_mask"]
+            flat, target = logits[mask], batch["medications"][mask]
+            w = self.hparams.margin_weight
+            out = {
+                "bce": F.binary_cross_entropy_with_logits(flat, target),
+                "margin": F.multilabel_margin_loss(torch.sigmoid(flat), margin_targets(target)),
+                "ddi": self.hparams.ddi_loss_scale * ddi_loss(torch.sigmoid(logits), self.ddi_adj, mask),
+            }
+            accuracy = (1 - w) * out["bce"] + w * out["margin"]
+            beta = torch.as_tensor(beta, dtype=accuracy.dtype, device=accuracy.device)
+            out["loss"] = beta * accuracy + (1 - beta) * out["ddi"]
+            return out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        beta = 1.0
+        if self.ddi_controller is not None:
+            with torch.no_grad():
+                sets = self.recommended_sets(torch.sigmoid(logits.float()), batch)
+                counts = batch_pair_counts(sets.float(), batch["visit_mask"], self.ddi_adj)
+            beta = self.ddi_controller.update(*counts)
+        losses = self.compute_loss(logits, batch, beta)
+        self.log_train_losses(losses, batch_size=len(batch["lengths"]))
+        return losses["loss"]
