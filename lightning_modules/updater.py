@@ -51,6 +51,36 @@ def updated_prescription(
     return sets & visit_mask.bool().unsqueeze(-1)
 
 
+class UpdaterNetwork(nn.Module):
+    """One member of :class:`PrescriptionUpdater`: x_t = [Σ e_d ; Σ e_p ; E_m m_{t-1}] (dropout), a
+    causal GRU state g_t, and z_t = MLP([x_t ; g_t]) + m_{t-1} ⊙ c."""
+
+    def __init__(self, diagnoses: int, procedures: int, medications: int, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.diag_embedding = nn.Embedding(diagnoses, dim)
+        self.proc_embedding = nn.Embedding(procedures, dim)
+        self.med_embedding = nn.Linear(medications, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(3 * dim, dim, batch_first=True)
+        self.head = nn.Sequential(
+            nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, medications)
+        )
+        self.continuation = nn.Parameter(torch.zeros(medications))
+
+    def forward(self, batch: dict[str, torch.Tensor], previous: torch.Tensor) -> torch.Tensor:
+        visits = torch.cat(
+            [
+                embed_codes(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"]),
+                embed_codes(self.proc_embedding, batch["procedures"], batch["procedures_mask"]),
+                self.med_embedding(previous),
+            ],
+            dim=-1,
+        )
+        visits = self.dropout(visits)
+        history = causal_gru(self.gru, visits, batch["lengths"])
+        return self.head(torch.cat([visits, history], dim=-1)) + previous * self.continuation
+
+
 class PrescriptionUpdater(MedRecModule):
     """Previous prescription + visit history -> the drugs to keep and to add.
 
@@ -60,8 +90,9 @@ class PrescriptionUpdater(MedRecModule):
     logits are z_t = MLP([x_t ; g_t]) + m_{t-1} ⊙ c, where c (one value per drug, learned) lets
     each drug's continuation differ from its initiation.
 
-    Loss: β ((1 − w) BCE + w multilabel margin) + (1 − β) s · L_ddi (SafeDrug Eq. 18, L_ddi the
-    expected interaction mass pᵀAp, s = ``ddi_loss_scale``); β comes from the run's
+    Loss: β ((1 − w) BCE + w multilabel margin + λ soft-Jaccard) + (1 − β) s · L_ddi (SafeDrug
+    Eq. 18, L_ddi the expected interaction mass pᵀAp, s = ``ddi_loss_scale``, λ =
+    ``jaccard_weight``), for each of the ``members`` networks (their logits are averaged); β comes from the run's
     ``ddi_controller`` (PIDDDIController, Eq. 19) fed with the DDI rate of the recommended sets
     of the training batch, and is 1 without a controller.
 
@@ -73,6 +104,8 @@ class PrescriptionUpdater(MedRecModule):
         hidden_dim: width of the MLP's hidden layer.
         dropout: dropout on the code embeddings and the hidden layer.
         ddi_loss_scale: s, the scale of L_ddi in the loss.
+        jaccard_weight: weight of a soft-Jaccard term 1 − Σpy / Σ(p + y − py) added to the accuracy loss.
+        members: K networks trained side by side, each on its own loss; the logits are their mean.
         keep_threshold, add_threshold: the update's thresholds for previously prescribed and new drugs.
     """
 
@@ -92,6 +125,8 @@ class PrescriptionUpdater(MedRecModule):
         hidden_dim: PositiveInt = 256,
         dropout: DropoutRate = 0.4,
         ddi_loss_scale: NonNegativeFloat = 0.05,
+        jaccard_weight: NonNegativeFloat = 0.0,
+        members: PositiveInt = 1,
         keep_threshold: Probability = 0.5,
         add_threshold: Probability = 0.5,
     ):
@@ -105,34 +140,24 @@ class PrescriptionUpdater(MedRecModule):
             bootstrap_fraction=bootstrap_fraction,
             bootstrap_seed=bootstrap_seed,
         )
+        if members < 1:
+            raise ValueError(f"members must be >= 1, got {members}")
         k = self.knowledge
-        dim = embedding_dim
-        self.diag_embedding = nn.Embedding(k.num_diagnoses, dim)
-        self.proc_embedding = nn.Embedding(k.num_procedures, dim)
-        self.med_embedding = nn.Linear(k.num_medications, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-        self.gru = nn.GRU(3 * dim, dim, batch_first=True)
-        self.head = nn.Sequential(
-            nn.Linear(4 * dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, k.num_medications)
+        self.members = nn.ModuleList(
+            UpdaterNetwork(k.num_diagnoses, k.num_procedures, k.num_medications, embedding_dim, hidden_dim, dropout)
+            for _ in range(members)
         )
-        self.continuation = nn.Parameter(torch.zeros(k.num_medications))
         self.ddi_controller = None  # set by a PIDDDIController for the fit
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits z_t (B, T, M) of every visit; padded visits give 0."""
+    def member_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(K, B, T, M) logits of the K members; padded visits give 0."""
         previous = previous_visit(batch["medications"])
-        visits = torch.cat(
-            [
-                embed_codes(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"]),
-                embed_codes(self.proc_embedding, batch["procedures"], batch["procedures_mask"]),
-                self.med_embedding(previous),
-            ],
-            dim=-1,
-        )
-        visits = self.dropout(visits)
-        history = causal_gru(self.gru, visits, batch["lengths"])
-        logits = self.head(torch.cat([visits, history], dim=-1)) + previous * self.continuation
-        return logits * batch["visit_mask"].unsqueeze(-1).to(logits.dtype)
+        mask = batch["visit_mask"].unsqueeze(-1)
+        return torch.stack([member(batch, previous) * mask.to(previous.dtype) for member in self.members])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits z_t (B, T, M) of every visit, the mean over the members; padded visits give 0."""
+        return self.member_logits(batch).mean(0)
 
     def recommended_sets(self, probs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hp = self.hparams
@@ -151,30 +176,39 @@ class PrescriptionUpdater(MedRecModule):
     def compute_loss(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor], beta: float | torch.Tensor = 1.0
     ) -> dict[str, torch.Tensor]:
-        """β accuracy + (1 − β) s L_ddi; entries other than ``loss`` are logged."""
+        """β accuracy + (1 − β) s L_ddi of (B, T, M) logits, or the mean over members of (K, B, T, M);
+        entries other than ``loss`` are logged."""
+        if logits.dim() == 4:
+            parts = [self.compute_loss(member, batch, beta) for member in logits]
+            return {key: torch.stack([p[key] for p in parts]).mean() for key in parts[0]}
         with float32(logits):
             logits = logits.float()
             mask = batch["visit_mask"]
             flat, target = logits[mask], batch["medications"][mask]
+            probs = torch.sigmoid(flat)
             w = self.hparams.margin_weight
             out = {
                 "bce": F.binary_cross_entropy_with_logits(flat, target),
-                "margin": F.multilabel_margin_loss(torch.sigmoid(flat), margin_targets(target)),
+                "margin": F.multilabel_margin_loss(probs, margin_targets(target)),
                 "ddi": self.hparams.ddi_loss_scale * ddi_loss(torch.sigmoid(logits), self.ddi_adj, mask),
             }
             accuracy = (1 - w) * out["bce"] + w * out["margin"]
+            if self.hparams.jaccard_weight > 0:
+                overlap = (probs * target).sum(-1)
+                out["jaccard"] = 1 - (overlap / (probs.sum(-1) + target.sum(-1) - overlap).clamp(min=1e-6)).mean()
+                accuracy = accuracy + self.hparams.jaccard_weight * out["jaccard"]
             beta = torch.as_tensor(beta, dtype=accuracy.dtype, device=accuracy.device)
             out["loss"] = beta * accuracy + (1 - beta) * out["ddi"]
             return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
+        members = self.member_logits(batch)
         beta = 1.0
         if self.ddi_controller is not None:
             with torch.no_grad():
-                sets = self.recommended_sets(torch.sigmoid(logits.float()), batch)
+                sets = self.recommended_sets(torch.sigmoid(members.mean(0).float()), batch)
                 counts = batch_pair_counts(sets.float(), batch["visit_mask"], self.ddi_adj)
             beta = self.ddi_controller.update(*counts)
-        losses = self.compute_loss(logits, batch, beta)
+        losses = self.compute_loss(members, batch, beta)
         self.log_train_losses(losses, batch_size=len(batch["lengths"]))
         return losses["loss"]

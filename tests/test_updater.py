@@ -66,7 +66,7 @@ def test_the_continuation_raises_only_the_previously_prescribed_drugs(data):
     batch = first_batch(data)
     before = model(batch)
     with torch.no_grad():
-        model.continuation.fill_(2.0)
+        model.members[0].continuation.fill_(2.0)
     after = model(batch)
     previous = torch.cat([torch.zeros_like(batch["medications"][:, :1]), batch["medications"][:, :-1]], dim=1)
     mask = batch["visit_mask"].unsqueeze(-1)
@@ -121,3 +121,20 @@ def test_the_validation_search_reads_no_test_patient(tmp_path, monkeypatch):
     assert saved["best_under_ddi"]["jaccard"] == max(row["jaccard"] for row in allowed)
     plain = next(r for r in grid if (r["threshold"], r["keep_threshold"], r["add_threshold"]) == (0.5, 0.5, 0.5))
     assert plain["jaccard"] == pytest.approx(saved["val"]["jaccard"], abs=1e-6)  # the config's own thresholds
+
+
+def test_members_average_their_logits_and_each_trains_on_its_own_loss(data):
+    torch.manual_seed(0)
+    model = PrescriptionUpdater(knowledge=data.knowledge, embedding_dim=8, hidden_dim=16, members=3,
+                                jaccard_weight=0.5).eval()  # fmt: skip
+    batch = first_batch(data)
+    members = model.member_logits(batch)
+    assert members.shape == (3, *batch["visit_mask"].shape, data.knowledge.num_medications)
+    assert not torch.allclose(members[0], members[1])  # initialised apart
+    torch.testing.assert_close(model(batch), members.mean(0))
+    losses = model.compute_loss(members, batch)
+    one = [model.compute_loss(m, batch)["loss"] for m in members]
+    torch.testing.assert_close(losses["loss"], torch.stack(one).mean())
+    assert 0 < losses["jaccard"] < 1
+    with pytest.raises(ValueError, match="members"):
+        PrescriptionUpdater(knowledge=data.knowledge, members=0)
