@@ -53,32 +53,47 @@ def updated_prescription(
 
 class UpdaterNetwork(nn.Module):
     """One member of :class:`PrescriptionUpdater`: x_t = [Σ e_d ; Σ e_p ; E_m m_{t-1}] (dropout), a
-    causal GRU state g_t, and z_t = MLP([x_t ; g_t]) + m_{t-1} ⊙ c."""
+    causal GRU state g_t, and z_t = MLP([x_t ; g_t]) + m_{t-1} ⊙ c. ``previous_input=False`` drops
+    E_m m_{t-1} and c, ``history=False`` drops g_t (the ablations)."""
 
-    def __init__(self, diagnoses: int, procedures: int, medications: int, dim: int, hidden: int, dropout: float):
+    def __init__(
+        self,
+        diagnoses: int,
+        procedures: int,
+        medications: int,
+        dim: int,
+        hidden: int,
+        dropout: float,
+        previous_input: bool = True,
+        history: bool = True,
+    ):
         super().__init__()
         self.diag_embedding = nn.Embedding(diagnoses, dim)
         self.proc_embedding = nn.Embedding(procedures, dim)
-        self.med_embedding = nn.Linear(medications, dim, bias=False)
+        self.med_embedding = nn.Linear(medications, dim, bias=False) if previous_input else None
         self.dropout = nn.Dropout(dropout)
-        self.gru = nn.GRU(3 * dim, dim, batch_first=True)
+        width = (3 if previous_input else 2) * dim
+        self.gru = nn.GRU(width, dim, batch_first=True) if history else None
         self.head = nn.Sequential(
-            nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, medications)
+            nn.Linear(width + (dim if history else 0), hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, medications),
         )
-        self.continuation = nn.Parameter(torch.zeros(medications))
+        self.continuation = nn.Parameter(torch.zeros(medications)) if previous_input else None
 
     def forward(self, batch: dict[str, torch.Tensor], previous: torch.Tensor) -> torch.Tensor:
-        visits = torch.cat(
-            [
-                embed_codes(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"]),
-                embed_codes(self.proc_embedding, batch["procedures"], batch["procedures_mask"]),
-                self.med_embedding(previous),
-            ],
-            dim=-1,
-        )
-        visits = self.dropout(visits)
-        history = causal_gru(self.gru, visits, batch["lengths"])
-        return self.head(torch.cat([visits, history], dim=-1)) + previous * self.continuation
+        parts = [
+            embed_codes(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"]),
+            embed_codes(self.proc_embedding, batch["procedures"], batch["procedures_mask"]),
+        ]
+        if self.med_embedding is not None:
+            parts.append(self.med_embedding(previous))
+        visits = self.dropout(torch.cat(parts, dim=-1))
+        if self.gru is not None:
+            visits = torch.cat([visits, causal_gru(self.gru, visits, batch["lengths"])], dim=-1)
+        logits = self.head(visits)
+        return logits if self.continuation is None else logits + previous * self.continuation
 
 
 class PrescriptionUpdater(MedRecModule):
@@ -106,6 +121,9 @@ class PrescriptionUpdater(MedRecModule):
         ddi_loss_scale: s, the scale of L_ddi in the loss.
         jaccard_weight: weight of a soft-Jaccard term 1 − Σpy / Σ(p + y − py) added to the accuracy loss.
         members: K networks trained side by side, each on its own loss; the logits are their mean.
+        previous_input: give the network the previous prescription (E_m m_{t-1} and c); off, the
+            update rule still keeps/adds relative to it (ablation).
+        history: the GRU over the visit history (ablation).
         keep_threshold, add_threshold: the update's thresholds for previously prescribed and new drugs.
     """
 
@@ -127,6 +145,8 @@ class PrescriptionUpdater(MedRecModule):
         ddi_loss_scale: NonNegativeFloat = 0.05,
         jaccard_weight: NonNegativeFloat = 0.0,
         members: PositiveInt = 1,
+        previous_input: bool = True,
+        history: bool = True,
         keep_threshold: Probability = 0.5,
         add_threshold: Probability = 0.5,
     ):
@@ -144,7 +164,16 @@ class PrescriptionUpdater(MedRecModule):
             raise ValueError(f"members must be >= 1, got {members}")
         k = self.knowledge
         self.members = nn.ModuleList(
-            UpdaterNetwork(k.num_diagnoses, k.num_procedures, k.num_medications, embedding_dim, hidden_dim, dropout)
+            UpdaterNetwork(
+                k.num_diagnoses,
+                k.num_procedures,
+                k.num_medications,
+                embedding_dim,
+                hidden_dim,
+                dropout,
+                previous_input,
+                history,
+            )
             for _ in range(members)
         )
         self.ddi_controller = None  # set by a PIDDDIController for the fit

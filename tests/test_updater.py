@@ -138,3 +138,30 @@ def test_members_average_their_logits_and_each_trains_on_its_own_loss(data):
     assert 0 < losses["jaccard"] < 1
     with pytest.raises(ValueError, match="members"):
         PrescriptionUpdater(knowledge=data.knowledge, members=0)
+
+
+def test_the_ablations_remove_their_ingredient(data):
+    torch.manual_seed(0)
+    batch = first_batch(data)
+    b = int(torch.argmax(batch["lengths"]))
+    changed = {k: v.clone() for k, v in batch_tensors(batch).items()}
+    changed["medications"][b, 1] = 1 - changed["medications"][b, 1]
+    blind = PrescriptionUpdater(knowledge=data.knowledge, embedding_dim=8, hidden_dim=16, previous_input=False).eval()
+    assert blind.members[0].med_embedding is None and blind.members[0].continuation is None
+    torch.testing.assert_close(blind(changed), blind(batch))  # the previous prescription is not an input
+    no_history = PrescriptionUpdater(knowledge=data.knowledge, embedding_dim=8, hidden_dim=16, history=False).eval()
+    assert no_history.members[0].gru is None
+    # without history, visit 2 depends on its own codes and visit 1's drugs only
+    previous = batch["medications"][b, 1]
+    full = no_history(batch)[b, 2]
+    with torch.no_grad():
+        member = no_history.members[0]
+        codes = torch.cat(
+            [
+                member.diag_embedding(batch["diagnoses"][b, 2])[batch["diagnoses_mask"][b, 2]].sum(0),
+                member.proc_embedding(batch["procedures"][b, 2])[batch["procedures_mask"][b, 2]].sum(0),
+                member.med_embedding(previous),
+            ]
+        )
+        expected = member.head(codes) + previous * member.continuation
+    torch.testing.assert_close(full, expected)
