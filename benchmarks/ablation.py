@@ -5,7 +5,8 @@
         --ablation "no history: --model.init_args.history=false" [--seeds 42] [--jobs 2]
 
 Every row is one :mod:`benchmarks.grid` cell per seed (``benchmarks/run.py`` in its own process,
-``<out>/<row>/seed<s>``; finished cells are reused), the full config first. ``<out>/ablation.md``
+``<out>/<row>/seed<s>``, the full config in ``<out>/<config stem>/seed<s>`` as leaderboard.py
+names it; finished cells are reused), the full config first. ``<out>/ablation.md``
 starts with the command and commit and gives, per row, the best checkpoint's validation Jaccard
 (what the row was selected on) and the test figures (bootstrap means), each averaged over the
 seeds, with the change against the full config.
@@ -56,15 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return opts
 
 
-def folder(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+def row_folder(name: str, config: str) -> str:
+    """The full row is the config's own cell (``<stem>/seed<s>``, as leaderboard.py names it, so a
+    leaderboard run into the same ``--out`` is reused); an ablation's folder is its name."""
+    return Path(config).stem if name == FULL else re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def cells(opts: argparse.Namespace) -> list[Cell]:
     config = str(Path(opts.config).resolve())
     rows = opts.rows.items()
     return [
-        Cell(name, config, seed, opts.data, opts.epochs, overrides, f"{folder(name)}/seed{seed}")
+        Cell(name, config, seed, opts.data, opts.epochs, overrides, f"{row_folder(name, config)}/seed{seed}")
         for name, overrides in rows
         for seed in opts.seeds
     ]

@@ -22,15 +22,15 @@ def test_rows_are_cells_and_the_table_gives_their_means_and_changes(tiny_cohort_
     assert (out / "ablation.md").read_text().startswith("Command: `python benchmarks/ablation.py --config")
     results = {
         (row, seed): json.loads((out / row / f"seed{seed}" / "results.json").read_text())
-        for row in ("full", "slow_lr")
+        for row in ("lr", "slow_lr")
         for seed in (1, 2)
     }
     assert "--model.init_args.lr=1e-5" in results["slow_lr", 1]["provenance"]["command"]
     row = next(line for line in text.splitlines() if line.startswith("| slow lr |")).split(" | ")
     val = sum(results["slow_lr", s]["val_jaccard"] for s in (1, 2)) / 2
-    full_val = sum(results["full", s]["val_jaccard"] for s in (1, 2)) / 2
+    full_val = sum(results["lr", s]["val_jaccard"] for s in (1, 2)) / 2
     test = sum(results["slow_lr", s]["jaccard"] for s in (1, 2)) / 2
-    full_test = sum(results["full", s]["jaccard"] for s in (1, 2)) / 2
+    full_test = sum(results["lr", s]["jaccard"] for s in (1, 2)) / 2
     assert float(row[2]) == pytest.approx(val, abs=1e-4)
     assert float(row[3]) == pytest.approx(val - full_val, abs=2e-4)
     assert float(row[4]) == pytest.approx(test, abs=1e-4)
