@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
 
-from benchmarks.grid import Cell, run_grid  # noqa: E402
+from benchmarks.grid import QUIET, Cell, run_grid  # noqa: E402
 from benchmarks.provenance import Provenance, write_markdown  # noqa: E402
 
 FULL = "full"
@@ -64,10 +64,17 @@ def row_folder(name: str, config: str) -> str:
 
 
 def cells(opts: argparse.Namespace) -> list[Cell]:
-    config = str(Path(opts.config).resolve())
     rows = opts.rows.items()
     return [
-        Cell(name, config, seed, opts.data, opts.epochs, overrides, f"{row_folder(name, config)}/seed{seed}")
+        Cell(
+            name,
+            opts.config,
+            seed,
+            opts.data,
+            opts.epochs,
+            (*QUIET, *overrides),
+            f"{row_folder(name, opts.config)}/seed{seed}",
+        )
         for name, overrides in rows
         for seed in opts.seeds
     ]
