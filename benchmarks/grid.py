@@ -29,6 +29,8 @@ from benchmarks.provenance import run_config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
+QUIET = ("--trainer.enable_progress_bar=false",)
+"""The overrides leaderboard.py and ablation.py give every cell (part of its hash: the two share cells)."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
 
-from benchmarks.grid import CellFailed, aggregate, grid_cells, paired_t_test, results_frame, run_grid  # noqa: E402
+from benchmarks.grid import QUIET, CellFailed, aggregate, grid_cells, paired_t_test, results_frame, run_grid  # noqa: E402
 from benchmarks.provenance import Provenance, write_markdown  # noqa: E402
 from lightning_modules.registry import config_path, method_configs  # noqa: E402
 
@@ -68,7 +68,7 @@ class MissingFields(RuntimeError):
 
 
 def cells(configs: list[str], opts: argparse.Namespace) -> list:
-    overrides = ["--trainer.enable_progress_bar=false"] + ([f"--threads={opts.threads}"] if opts.threads else [])
+    overrides = [*QUIET] + ([f"--threads={opts.threads}"] if opts.threads else [])
     return grid_cells(configs, opts.seeds, data=opts.data, epochs=opts.epochs, overrides=overrides)
 
 

@@ -4,11 +4,12 @@
         [--epochs N] [--seed S] [LightningCLI overrides ...]
 
 Writes ``<dir>/results.json`` (bootstrap means of the test metrics with ``<key>_std``, full
-test-set figures under ``all_<key>``, ``epoch_seconds``, ``infer_seconds``, ``peak_rss_mb``,
-``params``, every other ``test_<key>`` the model logs as ``<key>``, the figures of any callback
-with a ``benchmark_figures(trainer, model)`` method, and ``provenance``: command, commit, config
-hash) and ``<dir>/results.md`` (the provenance header and one table row). Without ``--data`` the
-synthetic default cohort is used. :mod:`benchmarks.grid` runs it over configs × seeds.
+test-set figures under ``all_<key>``, the best checkpoint's ``val_jaccard``, ``epoch_seconds``,
+``infer_seconds``, ``peak_rss_mb``, ``params``, every other ``test_<key>`` the model logs as
+``<key>``, the figures of any callback with a ``benchmark_figures(trainer, model)`` method, and
+``provenance``: command, commit, config hash) and ``<dir>/results.md`` (the provenance header and
+one table row). Without ``--data`` the synthetic default cohort is used. :mod:`benchmarks.grid`
+runs it over configs × seeds.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def run(argv: list[str] | None = None) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "params": int(sum(p.numel() for p in model.parameters())),
             "best_checkpoint": best,
+            "val_jaccard": _best_score(trainer),
             "overrides": overrides,
         }
     )
@@ -113,6 +115,12 @@ def run(argv: list[str] | None = None) -> dict:
     write_markdown(out / "results.md", TABLE_HEADER + table_row(results) + "\n", provenance)
     print(TABLE_HEADER + table_row(results))
     return results
+
+
+def _best_score(trainer) -> float | None:
+    """The monitored validation figure (val_jaccard) of the best checkpoint, the one tested."""
+    score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    return None if score is None else float(score)
 
 
 def _pm(results: dict, key: str) -> str:

@@ -13,6 +13,7 @@ from lightning_modules.nearest import DrugFrequency, Nearest
 from lightning_modules.raremed import RAREMed
 from lightning_modules.retain import RETAIN
 from lightning_modules.safedrug import SafeDrug
+from lightning_modules.updater import PrescriptionUpdater
 
 __all__ = [
     "MedRecModule",
@@ -31,4 +32,5 @@ __all__ = [
     "LEAP",
     "MoleRec",
     "COGNet",
+    "PrescriptionUpdater",
 ]

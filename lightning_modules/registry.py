@@ -7,7 +7,9 @@ rejects unknown top-level keys, so the header must not be a key)::
     # medrec-variant: {of: dpr_ag, own: [model.init_args.type_weight]}
 
 ``of`` names the parent config (file stem), ``own`` the dotted settings that make the variant;
-every other setting must equal the parent's (tests/test_configs.py checks it). Benchmarks
+every other setting must equal the parent's (tests/test_configs.py checks it). An empty ``own``
+makes an alias: the parent under another name (``recommended`` is ``updater``), its runs filed
+under its own run name. Benchmarks
 (leaderboard, DDP checks) run the main configs; tests run them all.
 """
 
@@ -47,7 +49,11 @@ def variant_of(name: str) -> Variant | None:
     for line in lines:
         if line.startswith(HEADER):
             header = yaml.safe_load(line[len(HEADER) :])
-            if not isinstance(header, dict) or not isinstance(header.get("of"), str) or not header.get("own"):
+            if (
+                not isinstance(header, dict)
+                or not isinstance(header.get("of"), str)
+                or not isinstance(header.get("own"), list)
+            ):
                 raise ValueError(f"configs/{name}.yaml: the header must read '{HEADER} {{of: <parent>, own: [<key>]}}'")
             if not config_path(header["of"]).is_file():
                 raise ValueError(f"configs/{name}.yaml is a variant of {header['of']}, which has no config")

@@ -45,6 +45,8 @@ def test_run_writes_results_json_and_table_row(tiny_cohort, tiny_cohort_dir, tmp
     assert saved["params"] == (n_diag + n_proc + 1) * n_med
     assert saved["test_patients"] == 25  # safedrug split of 150 patients: 150 - 100 = 50, test 25
     assert Path(saved["best_checkpoint"]).is_file()
+    # the tested checkpoint's validation Jaccard, as its file name records it
+    assert f"{saved['val_jaccard']:.4f}" in Path(saved["best_checkpoint"]).name
     # the provenance: the command as typed, and the config hash a grid cell of this run compares
     overrides = ("--trainer.enable_progress_bar=false", "--model.init_args.lr=0.01")
     config = str(ROOT / "configs" / "lr.yaml")

@@ -58,6 +58,8 @@ def test_every_method_has_a_main_config_and_variants_hang_off_main_configs():
     assert {"frequency", "safedrug", "gamenet", "miranda", "dpr_wg", "dpr_ag"} <= mains
     assert VARIANTS, "no variant config found: the header format changed?"
     assert {variant.parent for variant in VARIANTS.values()} <= mains, "a variant of a variant"
+    # README's recommended model is an alias: PrescriptionUpdater's config under another run name
+    assert VARIANTS["recommended"].parent == "updater" and VARIANTS["recommended"].own == ()
 
 
 def test_a_malformed_variant_header_or_a_missing_parent_is_an_error_naming_the_file(tmp_path, monkeypatch):
