@@ -4,9 +4,11 @@ DDI loss, learning the synthetic signal, and the validation-only search script."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import batch_tensors, first_batch, fit_and_test, handmade_datamodule
 
 from callbacks import PIDDDIController
@@ -102,7 +104,7 @@ def test_the_updater_learns_the_synthetic_signal():
     assert result["test_prauc"] > frequency["test_prauc"] + 0.05
 
 
-def test_the_validation_search_reads_no_test_patient(tmp_path, monkeypatch):
+def test_the_validation_search_reads_no_test_patient(tiny_cohort_dir, tmp_path, monkeypatch):
     from benchmarks import validation_search
 
     monkeypatch.chdir(tmp_path)
@@ -110,8 +112,9 @@ def test_the_validation_search_reads_no_test_patient(tmp_path, monkeypatch):
     original = VisitSequenceDataModule.test_dataloader
     monkeypatch.setattr(VisitSequenceDataModule, "test_dataloader", lambda self: read.append(1) or original(self))
     out = tmp_path / "search"
-    validation_search.run(["--config", str(validation_search.ROOT / "configs/updater.yaml"), "--out", str(out),
-                           "--epochs", "1", "--seed", "3"])  # fmt: skip
+    config = str(validation_search.ROOT / "configs/updater.yaml")
+    validation_search.run(["--config", config, "--data", str(tiny_cohort_dir), "--out", str(out), "--epochs", "1",
+                           "--seed", "3"])  # fmt: skip
     assert not read
     saved = json.loads((out / "search.json").read_text())
     assert 0 < saved["val"]["jaccard"] < 1
@@ -119,8 +122,10 @@ def test_the_validation_search_reads_no_test_patient(tmp_path, monkeypatch):
     assert len(grid) == len(validation_search.FIRST) * len(validation_search.KEEP) * len(validation_search.ADD)
     allowed = [row for row in grid if row["ddi_rate"] <= 0.06]
     assert saved["best_under_ddi"]["jaccard"] == max(row["jaccard"] for row in allowed)
-    plain = next(r for r in grid if (r["threshold"], r["keep_threshold"], r["add_threshold"]) == (0.5, 0.5, 0.5))
-    assert plain["jaccard"] == pytest.approx(saved["val"]["jaccard"], abs=1e-6)  # the config's own thresholds
+    settings = yaml.safe_load(Path(config).read_text())["model"]["init_args"]
+    own = tuple(settings[k] for k in ("threshold", "keep_threshold", "add_threshold"))
+    row = next(r for r in grid if (r["threshold"], r["keep_threshold"], r["add_threshold"]) == own)
+    assert row["jaccard"] == pytest.approx(saved["val"]["jaccard"], abs=1e-6)  # the config's own thresholds
 
 
 def test_members_average_their_logits_and_each_trains_on_its_own_loss(data):
