@@ -65,17 +65,23 @@ def cli_arguments(opts: argparse.Namespace, overrides: list[str]) -> list[str]:
     return args + overrides
 
 
-def run(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    opts, overrides = parse_args(argv)
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+def timed_run(opts: argparse.Namespace, overrides: list[str]) -> tuple:
+    """(trainer, model, datamodule, epoch timer) of the run ``opts`` describe, its folder made."""
+    Path(opts.out).mkdir(parents=True, exist_ok=True)
     cli = make_cli(cli_arguments(opts, overrides), run=False)
-    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer = cli.trainer
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     if timer is None:
         timer = EpochTimer()
         trainer.callbacks.append(timer)
+    return trainer, cli.model, cli.datamodule, timer
+
+
+def run(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opts, overrides = parse_args(argv)
+    out = Path(opts.out)
+    trainer, model, data, timer = timed_run(opts, overrides)
 
     trainer.fit(model, datamodule=data)
     epochs = list(timer.epoch_seconds)  # test(ckpt_path=best) restores the timer's state from that epoch

@@ -33,13 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout, not an installed copy
 
 from benchmarks.provenance import Provenance, run_config_hash, write_json  # noqa: E402
-from benchmarks.run import cli_arguments  # noqa: E402
-from callbacks.epoch_timer import EpochTimer  # noqa: E402
+from benchmarks.run import timed_run  # noqa: E402
 from lightning_modules.metrics import recommendation_metrics  # noqa: E402
 from lightning_modules.micron import set_scores  # noqa: E402
 from lightning_modules.updater import updated_prescription  # noqa: E402
 from lightning_modules.visit_ops import previous_visit  # noqa: E402
-from train import make_cli  # noqa: E402
 
 FIGURES = ("jaccard", "f1", "prauc", "ddi_rate", "avg_drugs")
 SET_FIGURES = ("jaccard", "f1", "ddi_rate", "avg_drugs")  # no ranking: the grid stays cheap
@@ -108,10 +106,7 @@ def run(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts, overrides = parse_args(argv)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cli = make_cli(cli_arguments(opts, overrides), run=False)
-    trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+    trainer, model, data, timer = timed_run(opts, overrides)
     start = time.perf_counter()
     if opts.checkpoint is None:
         trainer.fit(model, datamodule=data)
@@ -131,7 +126,7 @@ def run(argv=None) -> dict:
         "seed": opts.seed,
         "best_checkpoint": best,
         "best_epoch": int(torch.load(best, map_location="cpu", weights_only=False)["epoch"]),
-        "epoch_seconds": sum(timer.epoch_seconds) / len(timer.epoch_seconds) if timer and timer.epoch_seconds else None,
+        "epoch_seconds": sum(timer.epoch_seconds) / len(timer.epoch_seconds) if timer.epoch_seconds else None,
         "fit_seconds": fit_seconds,
         "val": figures(stacked(parts, "scores"), target, mask, ddi_adj),
     }
