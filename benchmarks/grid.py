@@ -15,6 +15,7 @@ reruns only the cells it changes. Used by leaderboard.py, dpr_table.py and miran
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -117,6 +118,7 @@ def run_cell(cell: Cell, out: Path) -> dict:
     folder = Path(out) / cell.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").unlink(missing_ok=True)  # a stale run must not pass for this one
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # nor its checkpoints (best-*.ckpt beside -v1)
     log = folder / "log.txt"
     with log.open("w") as handle:
         done = subprocess.run(cell.command(folder), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -78,11 +78,16 @@ def test_grid_resumes_by_config_hash(tmp_path, fake_run):
     grid.run_grid(grid.grid_cells(["configs/lr.yaml"], [0, 1, 2]), out, progress=False)
     assert fake_run()[2:] == [("lr", 2)]  # seeds 0 and 1 were finished
 
-    # another override is another cell: its stale results.json is not reused
+    # another override is another cell: its stale results.json is not reused, and the stale run's
+    # checkpoints go (a rerun would otherwise write best-*-v1.ckpt beside them, and a glob finds both)
     changed = grid.grid_cells(["configs/lr.yaml"], [0], overrides=["--bonus"])
     assert grid.finished(changed[0], out) is None
+    stale = out / "lr" / "seed0" / "checkpoints" / "best-3-0.4000.ckpt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("weights of the earlier run")
     assert grid.run_grid(changed, out, progress=False)[changed[0]]["jaccard"] == pytest.approx(0.5)
     assert fake_run()[3:] == [("lr", 0)]
+    assert not stale.parent.exists()
 
 
 def test_a_failed_cell_is_its_exception_and_the_others_still_run(tmp_path, fake_run):
