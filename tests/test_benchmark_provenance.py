@@ -28,7 +28,6 @@ WITHOUT_HEADER = {
     "safedrug.md",
     "miranda_seeds.md",
     "miranda_demo_elos.md",
-    "leaderboard/report.md",
     "leaderboard_131/report.md",
     "miranda_structure/structure.md",
     # first runs of the peer methods (issue 26), made on their branches before run.py wrote the header
