@@ -100,7 +100,8 @@ def table(outcomes: dict, opts: argparse.Namespace) -> str:
     ]
     overrides = {name: " ".join(f"`{o}`" for o in options) for name, options in opts.rows.items()}
     overrides[FULL] = "(config as it is)"
-    for name, m in means.items():
+    for name in opts.rows:  # the rows in the order given, whatever order the cells finished in
+        m = means[name]
         delta_val = "–" if name == FULL else f"{m[0] - full[0]:+.4f}"
         delta_test = "–" if name == FULL else f"{m[1] - full[1]:+.4f}"
         lines.append(
