@@ -29,6 +29,7 @@ from lightning_modules.ddi_loss import ddi_loss
 from lightning_modules.metrics import batch_pair_counts
 from lightning_modules.micron import set_scores
 from lightning_modules.precision import float32
+from lightning_modules.recommend import check_threshold
 from lightning_modules.visit_ops import causal_gru, embed_codes, margin_targets, previous_visit
 
 
@@ -162,6 +163,8 @@ class PrescriptionUpdater(MedRecModule):
         )
         if members < 1:
             raise ValueError(f"members must be >= 1, got {members}")
+        for name, value in (("keep_threshold", keep_threshold), ("add_threshold", add_threshold)):
+            check_threshold(value, f"{name} (--model.init_args.{name})")  # a Python caller bypasses the CLI's type
         k = self.knowledge
         self.members = nn.ModuleList(
             UpdaterNetwork(

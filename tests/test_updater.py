@@ -145,6 +145,13 @@ def test_members_average_their_logits_and_each_trains_on_its_own_loss(data):
         PrescriptionUpdater(knowledge=data.knowledge, members=0)
 
 
+@pytest.mark.parametrize("option", ["keep_threshold", "add_threshold"])
+@pytest.mark.parametrize("value", [0.0, 1.5, -0.2])
+def test_an_update_threshold_outside_zero_one_is_refused_by_name(data, option, value):
+    with pytest.raises(ValueError, match=rf"{option} \(--model.init_args.{option}\) must lie in \(0, 1\]"):
+        PrescriptionUpdater(knowledge=data.knowledge, **{option: value})
+
+
 def test_the_ablations_remove_their_ingredient(data):
     torch.manual_seed(0)
     batch = first_batch(data)
