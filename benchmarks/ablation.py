@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed copy
 
 from benchmarks.grid import QUIET, Cell, run_grid  # noqa: E402
 from benchmarks.provenance import Provenance, write_markdown  # noqa: E402
+from datamodules.errors import run_reporting_errors  # noqa: E402
 
 FULL = "full"
 
@@ -123,5 +124,5 @@ def main(argv=None) -> str:
     return text
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a bad option, data folder or checkpoint: one error line, exit 2
+    run_reporting_errors("benchmarks/ablation.py", main)

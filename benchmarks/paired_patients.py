@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))  # this checkout, not an installed copy
 
 from benchmarks.grid import paired_t_test  # noqa: E402
 from benchmarks.provenance import Provenance, write_markdown  # noqa: E402
+from datamodules.errors import run_reporting_errors  # noqa: E402
 from datamodules.visit_sequence import VisitSequenceDataModule  # noqa: E402
 from lightning_modules.base import MedRecModule  # noqa: E402
 from lightning_modules.metrics import patient_means, visit_scores  # noqa: E402
@@ -112,5 +113,5 @@ def run(argv=None) -> str:
     return text
 
 
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # a bad option, data folder or checkpoint: one error line, exit 2
+    run_reporting_errors("benchmarks/paired_patients.py", run)

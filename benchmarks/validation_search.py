@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))  # this checkout, not an installed copy
 
 from benchmarks.provenance import Provenance, run_config_hash, write_json  # noqa: E402
 from benchmarks.run import timed_run  # noqa: E402
+from datamodules.errors import run_reporting_errors  # noqa: E402
 from lightning_modules.metrics import recommendation_metrics  # noqa: E402
 from lightning_modules.micron import set_scores  # noqa: E402
 from lightning_modules.updater import updated_prescription  # noqa: E402
@@ -150,5 +151,5 @@ def run(argv=None) -> dict:
     return results
 
 
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # a bad option, data folder or checkpoint: one error line, exit 2
+    run_reporting_errors("benchmarks/validation_search.py", run)

@@ -48,3 +48,16 @@ def test_a_method_without_checkpoints_or_an_unknown_reference_is_refused(tmp_pat
         paired_patients.parse_args(["--data", "x", "--out", "y", "--method", "lr"])
     with pytest.raises(SystemExit):
         paired_patients.parse_args(["--data", "x", "--out", "y", "--method", "lr", "a.ckpt", "--reference", "gamenet"])
+
+
+def test_a_missing_checkpoint_is_one_error_line_naming_it(tiny_cohort_dir, tmp_path):
+    import subprocess
+
+    missing = tmp_path / "gone.ckpt"
+    argv = ["--data", str(tiny_cohort_dir), "--out", str(tmp_path / "p.md"), "--method", "lr", str(missing)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/paired_patients.py"), *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"benchmarks/paired_patients.py: error: {missing}: checkpoint file not found"
+    assert not (tmp_path / "p.md").exists()
