@@ -30,7 +30,7 @@ from lightning_modules.metrics import PatientMetricTable, bootstrap, recommendat
 from lightning_modules.precision import float32
 from lightning_modules.process_group import destroy_process_group_at_exit
 from lightning_modules.recommend import MODEL_CLASS_KEY, check_threshold, visit_record
-from lightning_modules.step_logging import log_step_and_epoch
+from lightning_modules.step_logging import log_epoch_means, log_step_and_epoch
 from lightning_modules.visit_ops import margin_targets
 
 KNOWLEDGE_KEY = "cohort_knowledge"
@@ -167,6 +167,9 @@ class MedRecModule(L.LightningModule):
         """``train_<k>_step`` and ``train_<k>_epoch`` for each loss term (see log_step_and_epoch)."""
         log_step_and_epoch(self, {f"train_{k}": v for k, v in losses.items()}, batch_size)
 
+    def on_train_epoch_end(self) -> None:
+        log_epoch_means(self)  # what an epoch cut short before its last batch summed (see step_logging)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Stop a fit whose loss stopped being finite, before NaN weights are checkpointed. The
         first bad batch is kept on the device; the host reads it every NONFINITE_CHECK_EVERY
@@ -193,9 +196,11 @@ class MedRecModule(L.LightningModule):
         probs = self.predict_probabilities(batch)
         with float32(probs):
             self.val_metrics.update(probs=probs.float(), target=batch["medications"], visit_mask=batch["visit_mask"])
-        size = len(batch["lengths"])
-        for name, metric in self.val_metrics.items():
-            self.log(name, metric, prog_bar=name == "val_jaccard", batch_size=size)
+        if batch_idx == 0:
+            # A logged Metric is computed (over every update of the epoch) and reset by Lightning at
+            # the epoch's end, so handing it over once is enough; self.log costs ~0.5 ms a call.
+            for name, metric in self.val_metrics.items():
+                self.log(name, metric, prog_bar=name == "val_jaccard")
 
     def test_step(self, batch: PatientBatch, batch_idx: int) -> None:
         probs = self.predict_probabilities(batch)

@@ -107,19 +107,29 @@ class LEAP(MedRecModule):
 
     # --- pieces --------------------------------------------------------------------------
     def encode(self, batch: VisitBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Diagnosis embeddings (N, L, d), their attention keys (N, L, a) and mask (N, L) of the N real visits."""
+        """Diagnosis embeddings (N, L, d), attention keys (N, L, a) and score bias (N, L; -1e4 at padding)
+        of the N real visits."""
         mask = batch["visit_mask"]
         codes, code_mask = batch["diagnoses"][mask], batch["diagnoses_mask"][mask]
         memory = self.dropout(self.diag_embedding(codes))
-        return memory, self.attend_code(memory), code_mask
+        # Padding gets a zero vector and a score far below any real one: a visit without any
+        # diagnosis then attends evenly over zeros (zero context), and no step needs a mask op.
+        memory = memory * code_mask.unsqueeze(-1).to(memory.dtype)
+        score_bias = (~code_mask).to(memory.dtype) * -1e4
+        return memory, self.attend_code(memory), score_bias
 
-    def step(self, token: torch.Tensor, state: torch.Tensor, memory, keys, code_mask) -> tuple[torch.Tensor, ...]:
-        """One decoder step for every sequence: (previous token (N,), state (N, d)) -> (logits (N, M+2), state)."""
+    def attend_and_update(
+        self, token_input: torch.Tensor, state: torch.Tensor, memory, keys, score_bias
+    ) -> torch.Tensor:
+        """The decoder's recurrence: attention context from the state (Eq. 3), then the GRU state update."""
         scores = self.attend_score(torch.tanh(keys + self.attend_state(state).unsqueeze(1))).squeeze(-1)
-        # a visit without any diagnosis attends to nothing (zero context) instead of NaN
-        weights = scores.masked_fill(~code_mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        weights = (scores + score_bias).softmax(-1)
         context = (weights.unsqueeze(-1) * memory).sum(1)
-        state = self.decoder(torch.cat([context, self.dropout(self.token_embedding(token))], dim=-1), state)
+        return self.decoder(torch.cat([context, token_input], dim=-1), state)
+
+    def step(self, token: torch.Tensor, state: torch.Tensor, memory, keys, score_bias) -> tuple[torch.Tensor, ...]:
+        """One decoder step for every sequence: (previous token (N,), state (N, d)) -> (logits (N, M+2), state)."""
+        state = self.attend_and_update(self.dropout(self.token_embedding(token)), state, memory, keys, score_bias)
         return self.output(F.relu(state)), state
 
     def initial_state(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,15 +150,26 @@ class LEAP(MedRecModule):
     # --- training ------------------------------------------------------------------------
     def sequence_logits(self, batch: VisitBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced logits (N, K, M+2), targets (N, K) and their mask for the N real visits."""
-        memory, keys, code_mask = self.encode(batch)
+        memory, keys, score_bias = self.encode(batch)
         targets, valid = self.target_sequences(batch["medications"][batch["visit_mask"]])
         token, state = self.initial_state(len(targets), memory.device)
-        logits = []
-        for k in range(targets.shape[1]):
-            out, state = self.step(token, state, memory, keys, code_mask)
-            logits.append(out)
-            token = targets[:, k]
-        return torch.stack(logits, dim=1), targets, valid
+        # Teacher forcing knows every step's input token up front: embed them in one call, and
+        # apply the output layer once to all states; only the recurrence itself is stepped.
+        inputs = self.dropout(self.token_embedding(torch.cat([token[:, None], targets[:, :-1]], dim=1)))
+        # Visits sorted longest first: step k runs only the visits whose sequence is still going
+        # (the first n_k rows), so a batch costs its real tokens, not visits × longest sequence.
+        order = torch.argsort(valid.sum(1), descending=True, stable=True)
+        running = valid[order]
+        memory, keys, score_bias, inputs, state = (x[order] for x in (memory, keys, score_bias, inputs, state))
+        states = []
+        for k, n in enumerate(running.sum(0).tolist()):
+            state = self.attend_and_update(inputs[:n, k], state[:n], memory[:n], keys[:n], score_bias[:n])
+            states.append(state)
+        # step-major concatenation = the True cells of running.T in row-major order
+        grid = inputs.new_zeros(running.shape[1], running.shape[0], state.shape[-1])
+        grid[running.T] = torch.cat(states)
+        unsorted = grid.transpose(0, 1)[torch.argsort(order)]
+        return self.output(F.relu(unsorted)), targets, valid
 
     def compute_loss(self, batch: VisitBatch) -> dict[str, torch.Tensor]:
         """Cross-entropy of the drug sequence + END, averaged per visit, then over visits (Eq. 5)."""
@@ -165,7 +186,7 @@ class LEAP(MedRecModule):
     # --- inference -----------------------------------------------------------------------
     def decode(self, batch: VisitBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding of every real visit: the decoded sets (N, M) bool and p̄ (N, M)."""
-        memory, keys, code_mask = self.encode(batch)
+        memory, keys, score_bias = self.encode(batch)
         n, m = memory.shape[0], self.num_medications
         token, state = self.initial_state(n, memory.device)
         chosen = torch.zeros(n, m, dtype=torch.bool, device=memory.device)
@@ -178,7 +199,7 @@ class LEAP(MedRecModule):
         for _ in range(limit + 1):  # the last step can only end the set
             if not running.any():
                 break
-            out, state = self.step(token, state, memory, keys, code_mask)
+            out, state = self.step(token, state, memory, keys, score_bias)
             out = out.float()
             prob_sum += out.softmax(-1)[:, :m] * running[:, None]
             steps += running.float()

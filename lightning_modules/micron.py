@@ -37,7 +37,7 @@ from lightning_modules.base import MedRecModule
 from lightning_modules.ddi_loss import ddi_loss
 from lightning_modules.metrics import batch_pair_counts
 from lightning_modules.precision import float32
-from lightning_modules.visit_ops import margin_targets, previous_visit
+from lightning_modules.visit_ops import dropped_out_code_sums, margin_targets, previous_visit
 
 
 def set_scores(chosen: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -173,7 +173,7 @@ class MICRON(MedRecModule):
         self.prescription = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, k.num_medications))
 
     def _visit_sum(self, embedding: nn.Embedding, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(embedding(codes)) * mask.unsqueeze(-1).to(embedding.weight.dtype)).sum(-2)
+        return dropped_out_code_sums(embedding, codes, mask, self.dropout)
 
     def representations(self, batch: VisitBatch) -> dict[str, torch.Tensor]:
         """NET(h_t), NET(h_{t-1}) and NET(h_t − h_{t-1}) for every visit, each (B, T, M).

@@ -41,7 +41,7 @@ def scripted(model, logits_per_step):
     """Replace the decoder step by fixed logits per step (the same for every visit); counts the calls."""
     calls = []
 
-    def step(token, state, memory, keys, code_mask):
+    def step(token, state, memory, keys, score_bias):
         calls.append(token.clone())
         out = torch.tensor(logits_per_step[min(len(calls) - 1, len(logits_per_step) - 1)])
         return out.expand(len(token), -1), state
@@ -116,3 +116,21 @@ def test_bad_options_are_refused_by_name(data, options, message):
 def test_leap_takes_no_threshold_or_margin(data, option):
     with pytest.raises(TypeError, match=option):
         LEAP(knowledge=data.knowledge, **{option: 0.4})
+
+
+def test_packed_teacher_forcing_equals_stepping_every_visit_to_the_longest(data):
+    """Training runs only the visits whose sequence is still going at each step; the logits of the
+    real tokens must equal stepping every visit through the longest sequence."""
+    torch.manual_seed(0)
+    model = LEAP(knowledge=data.knowledge, embedding_dim=8).eval()
+    batch = first_batch(data)
+    logits, targets, valid = model.sequence_logits(batch)
+    assert len(set(valid.sum(1).tolist())) > 1  # sequences of several lengths, so packing matters
+    memory, keys, score_bias = model.encode(batch)
+    token, state = model.initial_state(len(targets), memory.device)
+    expected = []
+    for k in range(targets.shape[1]):
+        out, state = model.step(token, state, memory, keys, score_bias)
+        expected.append(out)
+        token = targets[:, k]
+    torch.testing.assert_close(logits[valid], torch.stack(expected, dim=1)[valid])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch_tensors, first_batch, fit_and_test, handmade_datamodule
+from torch import nn
 
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import MICRON, DrugFrequency
 from lightning_modules.micron import set_scores, updated_sets
+from lightning_modules.visit_ops import dropped_out_code_sums
 
 
 @pytest.fixture()
@@ -120,3 +122,16 @@ def test_bad_options_are_refused_by_name(data, options, message):
 def test_micron_takes_no_recommendation_threshold(data):
     with pytest.raises(TypeError, match="threshold"):
         MICRON(knowledge=data.knowledge, threshold=0.4)
+
+
+def test_dropped_out_code_sums_skip_padding():
+    torch.manual_seed(0)
+    table = nn.Embedding(4, 3)
+    codes = torch.tensor([[[1, 2, 0], [3, 0, 0]], [[2, 0, 0], [0, 0, 0]]])
+    mask = codes > 0
+    expected = (table(codes) * mask.unsqueeze(-1)).sum(-2)
+    torch.testing.assert_close(dropped_out_code_sums(table, codes, mask, nn.Dropout(0.5).eval()), expected)
+    with torch.no_grad():
+        table.weight[0] = 1e6  # the padding index: must never reach a sum, dropped out or not
+    sums = dropped_out_code_sums(table, codes, mask, nn.Dropout(0.5).train())
+    assert sums.abs().max() < 1e3 and sums[1, 1].abs().sum() == 0
