@@ -22,7 +22,15 @@ def log_step_and_epoch(module: L.LightningModule, figures: dict, batch_size: int
     epoch's end (the same figure as ``self.log(..., on_epoch=True, sync_dist=True, batch_size=...)``).
     The epoch mean is logged even when a small cohort has fewer batches than the logging interval."""
     figures = {k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in figures.items()}
-    trainer = module.trainer
+    trainer = _attached_trainer(module)
+    if trainer is None:  # a step called by hand: hand both figures over as they are
+        module.log_dict(
+            {f"{k}_step": v for k, v in figures.items()}, on_step=True, on_epoch=False, batch_size=batch_size
+        )
+        module.log_dict(
+            {f"{k}_epoch": v for k, v in figures.items()}, on_step=False, on_epoch=True, batch_size=batch_size
+        )
+        return
     # the last batch too, so that callback_metrics end each epoch holding its last step's figures
     if _step_is_written(trainer) or trainer.is_last_batch:
         steps = {f"{k}_step": v for k, v in figures.items()}
@@ -46,6 +54,13 @@ def log_epoch_means(module: L.LightningModule) -> None:
     for name, (total, weight) in sums.items():
         # Lightning keeps value × batch_size and sums both over ranks: the global weighted mean
         module.log(f"{name}_epoch", total / weight, on_step=False, on_epoch=True, sync_dist=True, batch_size=weight)
+
+
+def _attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning's "not attached to a Trainer"
+        return None
 
 
 def _step_is_written(trainer: L.Trainer) -> bool:
