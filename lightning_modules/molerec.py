@@ -34,7 +34,7 @@ from lightning_modules.base import MedRecModule
 from lightning_modules.metrics import visit_ddi_counts
 from lightning_modules.precision import float32
 from lightning_modules.required_knowledge import require_ddi_pairs
-from lightning_modules.visit_ops import causal_gru, margin_targets
+from lightning_modules.visit_ops import causal_gru, dropped_out_code_sums, margin_targets
 
 log = logging.getLogger(__name__)
 
@@ -319,23 +319,17 @@ class MoleRec(MedRecModule):
     def patient_query(self, batch: VisitBatch) -> torch.Tensor:
         """q_t for every visit (B, T, d) from the two causal GRUs."""
         states = [
-            causal_gru(gru, self._visit_sums(embedding, batch[key], batch[f"{key}_mask"]), batch["lengths"])
+            causal_gru(
+                gru,
+                dropped_out_code_sums(embedding, batch[key], batch[f"{key}_mask"], self.dropout),
+                batch["lengths"],
+            )
             for gru, embedding, key in (
                 (self.diag_gru, self.diag_embedding, "diagnoses"),
                 (self.proc_gru, self.proc_embedding, "procedures"),
             )
         ]
         return self.query_norm(self.query(torch.cat(states, dim=-1)))
-
-    def _visit_sums(self, embedding: nn.Embedding, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Σ of the dropped-out embeddings of each visit's codes: (B, T, L) -> (B, T, d).
-
-        Only real codes are embedded and dropped out (padding is most of the (B, T, L) grid).
-        """
-        patient, visit, _ = mask.nonzero(as_tuple=True)
-        vectors = self.dropout(embedding(codes[mask]))
-        out = vectors.new_zeros(*codes.shape[:2], vectors.shape[-1])
-        return out.index_put((patient, visit), vectors, accumulate=True)
 
     # --- molecules -----------------------------------------------------------------------
     def _encode(self, name: str, encoder: GINEncoder) -> torch.Tensor:
