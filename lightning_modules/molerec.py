@@ -106,25 +106,34 @@ def distinct_rows(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SetAttentionBlock(nn.Module):
     """SAB(X) = MAB(X, X) of the Set Transformer (Lee et al. 2019): MoleRec's substructure interaction.
 
-    H = LayerNorm(X + Multihead(X, X, X)), SAB(X) = LayerNorm(H + ReLU(W H + b)), Lee et al.'s
-    definition. The authors' code (``SetTransformer.py``, named after that paper) departs from it:
-    its residual adds the projected queries W_Q X instead of X, and its output layer has neither
-    ReLU nor residual. With the paper's text not at hand to arbitrate, the cited definition is used.
+    Q = W_Q X, K = W_K X, V = W_V X split into heads; O = Q + softmax(Q Kᵀ / √d_h) V per head;
+    SAB(X) = LN(W_O LN(O)), the form of the authors' code (``SetTransformer.py``, ``use_ln=True``).
+    Its residual carries the *projected* queries W_Q X, as Lee et al.'s own code does; their
+    equation writes the raw X instead (H = LN(X + Multihead(X, X, X)), then LN(H + ReLU(W H))).
+    That form was used here first and is what stalled some seeds: X keeps the GIN's scale
+    (norm ≈ 3) while the attention output grows (norm 30–100), so once attention turns nearly
+    uniform every substructure becomes the same average vector and nothing brings the rows apart
+    again (mimic3-safedrug131, seed 1: mean pairwise cosine of the substructure vectors 0.996
+    against 0.84 for seeds that train, test Jaccard 0.4934 against 0.525). With the projected
+    residual W_Q grows with the attention, and the same seed trains (docs/molerec.md).
     """
 
     def __init__(self, dim: int, heads: int = 2):
         super().__init__()
         if dim % heads:
             raise ValueError(f"embedding_dim ({dim}) must be divisible by heads ({heads})")
-        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(dim, dim) for _ in range(3))
+        self.output = nn.Linear(dim, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.feedforward = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(S, d) set of substructure vectors -> (S, d)."""
-        h = x.unsqueeze(0)
-        h = self.norm1(h + self.attention(h, h, h, need_weights=False)[0])
-        return self.norm2(h + torch.relu(self.feedforward(h))).squeeze(0)
+        size, dim = x.shape
+        q, k, v = (layer(x).view(size, self.heads, dim // self.heads).transpose(0, 1)
+                   for layer in (self.query, self.key, self.value))  # fmt: skip
+        mixed = q + F.scaled_dot_product_attention(q, k, v)  # (heads, S, d_h)
+        return self.norm2(self.output(self.norm1(mixed.transpose(0, 1).reshape(size, dim))))
 
 
 def drug_members(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +188,6 @@ class MoleRec(MedRecModule):
         * the code's patient vector is [h^d ; h^p ; o^d ; o^p] with o the GRU's last output,
           which for a one-layer GRU equals its final state h: the same function of [h^d ; h^p]
           with a 4d-wide instead of 2d-wide linear layer; we use the 2d form.
-        * SAB as Lee et al. define it (see :class:`SetAttentionBlock`).
         * the code steps once per visit; here once per batch of patients, with β per visit.
         * the code's categorical atom features are OGB's ``smiles2graph``; ours are
           torch-geometric's ``from_smiles`` (the same OGB-style atom and bond columns).

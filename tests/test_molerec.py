@@ -14,7 +14,7 @@ from datamodules.cohort import CohortError
 from datamodules.visit_sequence import VisitSequenceDataModule
 from lightning_modules import MoleRec, Nearest
 from lightning_modules.metrics import visit_ddi_counts
-from lightning_modules.molerec import drug_members, masked_attention
+from lightning_modules.molerec import SetAttentionBlock, drug_members, masked_attention
 
 pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 SMALL = dict(embedding_dim=16, gnn_layers=2, heads=2)
@@ -64,6 +64,26 @@ def test_masked_attention_by_hand():
     odds = math.exp(4 / math.sqrt(2))
     torch.testing.assert_close(alpha[1], torch.tensor([1 / (1 + odds), odds / (1 + odds)]))
     assert alpha[2].tolist() == [1.0, 0.0]  # its only substructure; the padding slot gets nothing
+
+
+def test_set_attention_block_by_hand_keeps_projected_queries_in_the_residual():
+    torch.manual_seed(0)
+    block = SetAttentionBlock(4, heads=2)
+    x = torch.randn(3, 4)
+    q, k, v = block.query(x), block.key(x), block.value(x)
+    heads = []
+    for h in (slice(0, 2), slice(2, 4)):  # head h owns its d/heads columns
+        weights = torch.softmax(q[:, h] @ k[:, h].T / math.sqrt(2), dim=-1)
+        heads.append(q[:, h] + weights @ v[:, h])
+    expected = block.norm2(block.output(block.norm1(torch.cat(heads, dim=1))))
+    torch.testing.assert_close(block(x), expected)
+    order = torch.tensor([2, 0, 1])  # a set function: permuting the substructures permutes the output
+    torch.testing.assert_close(block(x[order]), block(x)[order])
+    with torch.no_grad():  # the residual is W_Q X, not X: with W_Q = 0 and V = 0 every row is the same
+        for layer in (block.query, block.value):
+            layer.weight.zero_(), layer.bias.zero_()
+    out = block(x)
+    torch.testing.assert_close(out, out[:1].expand_as(out))
 
 
 def test_each_drug_pools_only_its_own_substructures_scaled_by_relevancy(data):
