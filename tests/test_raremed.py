@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from datamodules.errors import OptionError
 from datamodules.visit_sequence import VisitCollator, VisitSequenceDataModule
 from lightning_modules import DrugFrequency, RAREMed
-from lightning_modules.raremed import rarity_groups, visit_rarity
+from lightning_modules.fast_dropout import UniformDropout
+from lightning_modules.raremed import BUCKET_VISITS, packed, rarity_groups, visit_rarity
 
 SMALL = dict(embedding_dim=32, heads=2, layers=1, feedforward_dim=64, dropout=0.0)
 
@@ -56,6 +57,47 @@ def test_logits_cover_every_visit_and_each_visit_is_encoded_on_its_own(data):
         )
     )
     torch.testing.assert_close(alone[0], logits[row, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_packing_moves_real_tokens_to_the_front_in_order_and_drops_unused_columns():
+    tokens = torch.arange(12.0).view(2, 6, 1)
+    padding = torch.tensor([[0, 1, 1, 0, 0, 1], [0, 0, 1, 0, 1, 1]], dtype=torch.bool)
+    out, pad = packed(tokens, padding)
+    assert out.shape == (2, 3, 1)  # both rows have 3 real tokens: [CLS] d [SEP] p… was 6 wide
+    assert out[..., 0].tolist() == [[0.0, 3.0, 4.0], [6.0, 7.0, 9.0]]
+    assert not pad.any()
+    out, pad = packed(tokens[:, :4], padding[:, :4])  # rows of 2 and 3 real tokens
+    assert out[0, :2, 0].tolist() == [0.0, 3.0] and pad.tolist() == [[False, False, True], [False, False, False]]
+
+
+def test_length_buckets_give_every_visit_its_own_encoding(data):
+    torch.manual_seed(0)
+    model = RAREMed(knowledge=data.knowledge, **SMALL).eval()
+    visits = model.real_visits(batch_of(data, n=40))
+    n = visits["diagnoses"].shape[0]
+    assert n > 2 * BUCKET_VISITS  # several buckets, the last one partial
+    lengths = visits["diagnoses_mask"].sum(1) + visits["procedures_mask"].sum(1)
+    assert lengths.unique().numel() > 3
+    with torch.no_grad():
+        encoded = model.encode(**visits)
+        for i in (0, int(lengths.argmax()), int(lengths.argmin()), n - 1):
+            d, p = visits["diagnoses_mask"][i], visits["procedures_mask"][i]
+            alone = model.encode(
+                visits["diagnoses"][i][d][None], d[d][None], visits["procedures"][i][p][None], p[p][None]
+            )
+            torch.testing.assert_close(alone[0], encoded[i], rtol=1e-4, atol=1e-5)
+
+
+def test_uniform_dropout_keeps_the_law_of_dropout():
+    torch.manual_seed(0)
+    drop = UniformDropout(0.3)
+    x = torch.ones(200_000)
+    y = drop(x)
+    assert abs(float((y == 0).float().mean()) - 0.3) < 0.005
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    assert abs(float(y.mean()) - 1.0) < 0.01  # the expectation is kept
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(UniformDropout(0.0)(x), x) and not UniformDropout(1.0)(x).any()
 
 
 # --- pre-training stage ----------------------------------------------------------------------
