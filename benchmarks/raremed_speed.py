@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import Provenance, options_config, write_markdown  # noqa: E402
+from datamodules.errors import run_reporting_errors  # noqa: E402
 from datamodules.visit_sequence import VisitSequenceDataModule  # noqa: E402
 from lightning_modules.raremed import RAREMed  # noqa: E402
 
@@ -157,5 +158,5 @@ def main(argv: list[str] | None = None) -> str:
     return body
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a bad option or data folder: one error line, exit 2
+    run_reporting_errors("benchmarks/raremed_speed.py", main)

@@ -172,9 +172,6 @@ class MICRON(MedRecModule):
         self.health = nn.Linear(2 * dim, dim)
         self.prescription = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, k.num_medications))
 
-    def _visit_sum(self, embedding: nn.Embedding, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return dropped_out_code_sums(embedding, codes, mask, self.dropout)
-
     def representations(self, batch: VisitBatch) -> dict[str, torch.Tensor]:
         """NET(h_t), NET(h_{t-1}) and NET(h_t − h_{t-1}) for every visit, each (B, T, M).
 
@@ -182,8 +179,8 @@ class MICRON(MedRecModule):
         """
         visits = torch.cat(
             [
-                self._visit_sum(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"]),
-                self._visit_sum(self.proc_embedding, batch["procedures"], batch["procedures_mask"]),
+                dropped_out_code_sums(self.diag_embedding, batch["diagnoses"], batch["diagnoses_mask"], self.dropout),
+                dropped_out_code_sums(self.proc_embedding, batch["procedures"], batch["procedures_mask"], self.dropout),
             ],
             dim=-1,
         )

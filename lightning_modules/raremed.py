@@ -236,9 +236,10 @@ class RAREMed(MedRecModule):
         """
         lengths = (~padding).sum(1)
         order = torch.argsort(lengths, descending=True, stable=True)
+        widths = lengths[order[::BUCKET_VISITS]].tolist()  # each bucket's longest visit, one host read
         outputs = []
-        for bucket in order.split(BUCKET_VISITS):
-            width = max(int(lengths[bucket[0]]), 1)
+        for bucket, width in zip(order.split(BUCKET_VISITS), widths):
+            width = max(width, 1)
             outputs.append(self.encoder(tokens[bucket, :width], src_key_padding_mask=padding[bucket, :width])[:, 0])
         if not outputs:
             return tokens.new_zeros(0, tokens.shape[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,3 +48,25 @@ def test_refuses_counts_below_one_and_more_visits_than_the_batches_hold(tiny_coh
     with pytest.raises(SystemExit, match="fewer than --visits"):
         speed.main(["--data", str(tiny_cohort_dir), "--out", str(tmp_path / "x.md"), "--batches", "1",
                     "--visits", "100000"])  # fmt: skip
+
+
+def test_a_missing_data_folder_is_one_error_line(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "raremed_speed.py"),
+            "--data",
+            str(missing),
+            "--out",
+            str(tmp_path / "x.md"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"benchmarks/raremed_speed.py: error: data root {missing} does not exist"
+    ]
+    assert not (tmp_path / "x.md").exists()
